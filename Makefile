@@ -1,0 +1,38 @@
+# tfllm tasks. Every target installs what it needs first (idempotent; seconds once done).
+#   make demo    prepare the built-in corpus, pretrain the tiny config under horovodrun -np 2
+#   make test    the whole test suite, multi-process tests included
+SHELL := /bin/bash
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= runs/demo
+NP ?= 2
+export TFLLM_VENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install demo test test-fast gpu-build-check bench clean
+
+install:
+	@bash .ci/install.sh
+
+demo: install
+	horovodrun -np $(NP) -H localhost:$(NP) --gloo $(PY) -m pipelines.pretrain \
+	  --flagfile=flags/tiny.cfg --model_dir=$(RUN_DIR)/model --data_dir=$(RUN_DIR)/data
+	$(PY) -m pipelines.generate --model_dir=$(RUN_DIR)/model --prompt="def " --max_new_tokens=120 --seed=0
+	@echo "TensorBoard logs: $(RUN_DIR)/model/tb   (view with: $(VENV)/bin/tensorboard --logdir $(RUN_DIR)/model/tb)"
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q tests -m "not slow"
+
+# Compile-only proof of the GPU recipe the Dockerfile uses (needs nvcc; no GPU needed).
+gpu-build-check: install
+	bash .ci/install.sh --gpu-wheel $(CURDIR)/build/gpu-wheel
+
+bench: install
+	$(PY) -m pipelines.benchmark --flagfile=flags/tiny.cfg
+
+clean:
+	rm -rf runs build .pytest_cache

@@ -1,0 +1,1 @@
+"""absl entry points: `python -m pipelines.<name> --flagfile=flags/<config>.cfg`."""

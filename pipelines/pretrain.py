@@ -1,0 +1,35 @@
+"""Pretrain a GPT-style model with Horovod data parallelism; rerun the same command to resume.
+
+Single process:
+    python -m pipelines.pretrain --flagfile=flags/tiny.cfg --model_dir=runs/tiny
+Two processes on this machine (Gloo, or MPI):
+    horovodrun -np 2 -H localhost:2 --gloo python -m pipelines.pretrain --flagfile=flags/tiny.cfg --model_dir=runs/tiny
+    mpirun -np 2 python -m pipelines.pretrain --flagfile=flags/tiny.cfg --model_dir=runs/tiny
+Many GPU nodes (one process per GPU; the MPIJob in k8s/ runs exactly this):
+    horovodrun -np 16 -H node1:8,node2:8 python -m pipelines.pretrain --flagfile=flags/gpt2_124m.cfg \
+        --model_dir=/shared/runs/gpt2
+Data is prepared into --data_dir (default <model_dir>/data) on first use. TensorBoard logs go to
+<model_dir>/tb. SIGTERM saves a checkpoint and exits 143; the next run resumes from it. The last
+lines printed include `val_loss=<float>` and `tokens_per_sec=<float>`.
+"""
+
+from absl import flags
+
+from tfllm import cli, distributed
+from tfllm.flags import config_from_flags, define_train_flags
+from tfllm.train import pretrain
+
+define_train_flags()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    result = pretrain(config_from_flags())
+    if distributed.world().is_chief:
+        val = result["val_loss"]
+        print(f"val_loss={val:.4f}" if val is not None else "val_loss=nan")
+        print(f"tokens_per_sec={result['tokens_per_sec']:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,55 @@
+"""Shared helpers: paths, and launching 2-rank jobs through horovodrun or mpirun."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+BIN = pathlib.Path(sys.executable).parent
+
+
+def subprocess_env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def launcher_command(launcher: str, np: int) -> list[str]:
+    if launcher == "gloo":
+        return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo"]
+    if launcher == "mpi":
+        cmd = ["mpirun", "-np", str(np), "--oversubscribe", "--bind-to", "none"]
+        if os.geteuid() == 0:
+            cmd.insert(1, "--allow-run-as-root")
+        return cmd
+    if launcher == "none":
+        return []
+    raise ValueError(launcher)
+
+
+def run(args: list[str], launcher: str = "none", np: int = 2, timeout: int = 600, check: bool = True,
+        cwd=REPO, **env) -> subprocess.CompletedProcess:
+    """Runs `python args...` (under a launcher); on failure the output is in the assertion."""
+    cmd = launcher_command(launcher, np) + [sys.executable] + list(args)
+    proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
+                             f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture
+def shakespeare():
+    if not SHAKESPEARE.exists():
+        pytest.skip(f"{SHAKESPEARE} not present")
+    return SHAKESPEARE

@@ -1,0 +1,205 @@
+"""Configuration dataclasses: the single description of a run.
+
+Library code takes these objects and never reads absl FLAGS; `tfllm.flags` builds them from
+the command line. The resolved config is saved as `config.json` next to checkpoints, and a
+resumed run compares its model section with the saved one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+TOKENIZER_KINDS = ("char", "byte", "wordpiece", "sentencepiece_unigram", "sentencepiece_bpe")
+MODEL_FAMILIES = ("gpt2", "llama")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the flag."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    corpus: list[str] = dataclasses.field(default_factory=lambda: ["builtin:python-stdlib"])
+    data_dir: str = ""
+    tokenizer: str = "char"
+    vocab_size: int = 512
+    seq_len: int = 64
+    val_fraction: float = 0.05
+    split: str = "document"  # "document": whole documents by hash; "tail": last fraction of the text
+    num_shards: int = 4
+    jsonl_field: str = "text"
+    on_decode_error: str = "strict"  # strict | replace | skip
+    max_corpus_bytes: int = 0  # 0: no limit; caps the built-in corpus and big inputs for demos
+    tokenizer_sample_bytes: int = 50_000_000
+    seed: int = 0
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ConfigError(f"--tokenizer={self.tokenizer!r}: expected one of {', '.join(TOKENIZER_KINDS)}")
+        if self.split not in ("document", "tail"):
+            raise ConfigError(f"--split={self.split!r}: expected 'document' or 'tail'")
+        if self.on_decode_error not in ("strict", "replace", "skip"):
+            raise ConfigError(f"--on_decode_error={self.on_decode_error!r}: expected strict, replace or skip")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val_fraction={self.val_fraction}: must be in [0, 1)")
+        if self.seq_len < 2:
+            raise ConfigError(f"--seq_len={self.seq_len}: must be at least 2")
+        if self.num_shards < 1:
+            raise ConfigError(f"--num_shards={self.num_shards}: must be at least 1")
+        if self.vocab_size < 8 and self.tokenizer not in ("char", "byte"):
+            raise ConfigError(f"--vocab_size={self.vocab_size}: too small for a {self.tokenizer} tokenizer")
+        if not self.corpus:
+            raise ConfigError("--corpus is empty: name at least one file, directory, glob or builtin:python-stdlib")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    family: str = "gpt2"
+    num_layers: int = 2
+    num_heads: int = 2
+    num_kv_heads: int = 0  # llama only; 0 means equal to num_heads
+    hidden_dim: int = 64
+    intermediate_dim: int = 0  # 0 means 4 * hidden_dim
+    dropout: float = 0.0
+    max_sequence_length: int = 64
+    vocab_size: int = 0  # 0: taken from the prepared data's tokenizer
+
+    def validate(self) -> None:
+        if self.family not in MODEL_FAMILIES:
+            raise ConfigError(f"--model={self.family!r}: expected one of {', '.join(MODEL_FAMILIES)}")
+        for name in ("num_layers", "num_heads", "hidden_dim", "max_sequence_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name}={getattr(self, name)}: must be positive")
+        if self.hidden_dim % self.num_heads:
+            raise ConfigError(f"--hidden_dim={self.hidden_dim} is not divisible by --num_heads={self.num_heads}")
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ConfigError(f"--num_heads={self.num_heads} is not divisible by --num_kv_heads={kv}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout={self.dropout}: must be in [0, 1)")
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.intermediate_dim or 4 * self.hidden_dim
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    learning_rate: float = 1e-3
+    min_learning_rate: float = 1e-4
+    warmup_steps: int = 10
+    decay_steps: int = 0  # 0: decay over the whole run (train_steps)
+    beta1: float = 0.9
+    beta2: float = 0.99
+    epsilon: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings_and_norms: bool = False
+    clip_norm: float = 1.0  # 0 disables global-norm clipping
+    scale_lr_with_world_size: bool = False
+
+    def validate(self) -> None:
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning_rate={self.learning_rate}: must be positive")
+        if self.min_learning_rate < 0 or self.min_learning_rate > self.learning_rate:
+            raise ConfigError(f"--min_learning_rate={self.min_learning_rate}: must be in [0, --learning_rate]")
+        if self.warmup_steps < 0 or self.clip_norm < 0 or self.weight_decay < 0:
+            raise ConfigError("--warmup_steps, --clip_norm and --weight_decay must be >= 0")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model_dir: str = ""
+    batch_size: int = 8  # per rank, per micro-batch
+    grad_accum_steps: int = 1
+    train_steps: int = 100
+    precision: str = "float32"
+    jit_compile: bool = False
+    fp16_allreduce: bool = False
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_steps: int = 20  # 0: the whole validation split
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    sample_every: int = 0  # 0: only at the end
+    sample_prompt: str = "def "
+    sample_tokens: int = 64
+    verify_data: bool = False
+    shuffle_buffer: int = 10_000
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        for name in ("batch_size", "grad_accum_steps", "train_steps", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name}={getattr(self, name)}: must be positive")
+        for name in ("eval_every", "checkpoint_every", "sample_every", "eval_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0")
+        if not self.model_dir:
+            raise ConfigError("--model_dir is required")
+
+
+@dataclasses.dataclass
+class Config:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        self.data.validate()
+        self.model.validate()
+        self.optimizer.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        def build(klass, values):
+            known = {f.name for f in dataclasses.fields(klass)}
+            return klass(**{k: v for k, v in (values or {}).items() if k in known})
+
+        return cls(
+            data=build(DataConfig, d.get("data")),
+            model=build(ModelConfig, d.get("model")),
+            optimizer=build(OptimizerConfig, d.get("optimizer")),
+            train=build(TrainConfig, d.get("train")),
+        )
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "Config":
+        try:
+            with open(path) as f:
+                return cls.from_dict(json.load(f))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def model_mismatch(saved: ModelConfig, current: ModelConfig) -> list[str]:
+    """Fields whose values differ, as 'name: saved -> current' strings."""
+    diffs = []
+    for f in dataclasses.fields(ModelConfig):
+        a, b = getattr(saved, f.name), getattr(current, f.name)
+        if f.name == "dropout":  # dropout does not change the variables; resuming with another is fine
+            continue
+        if a != b:
+            diffs.append(f"{f.name}: {a} -> {b}")
+    return diffs

@@ -1,0 +1,161 @@
+"""The process world and Horovod collectives for Keras 3.
+
+This is the only module that imports horovod. `horovod.tensorflow.keras` and
+`hvd.DistributedGradientTape` do not understand Keras 3 variables, so tfllm builds on the
+plain tensor collectives (`grouped_allreduce`, `broadcast`, `allgather`), which do.
+
+Without Horovod installed, or with TFLLM_DISABLE_HOROVOD=1, every function behaves exactly
+as Horovod does with one process: collectives return their input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+try:  # Horovod is optional at import time so that single-process tools run anywhere.
+    if os.environ.get("TFLLM_DISABLE_HOROVOD") == "1":
+        raise ImportError("disabled by TFLLM_DISABLE_HOROVOD=1")
+    import horovod.tensorflow as hvd
+except ImportError:  # pragma: no cover - exercised by the fallback test in a subprocess
+    hvd = None
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    backend: str = "none"  # none | gloo | mpi
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return hvd is not None and self.size > 1
+
+
+_world: World | None = None
+
+
+def init(pin_gpu: bool = True) -> World:
+    """Initialises Horovod once and pins this process to one GPU by local rank."""
+    global _world
+    if _world is not None:
+        return _world
+    if hvd is None:
+        _world = World()
+    else:
+        hvd.init()
+        backend = "gloo" if hvd.gloo_enabled() and hvd.gloo_built() else ("mpi" if hvd.mpi_enabled() else "none")
+        backend = backend if hvd.size() > 1 else "none"
+        _world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend)
+    if pin_gpu:
+        _pin_gpu(_world.local_rank)
+    return _world
+
+
+def world() -> World:
+    return _world if _world is not None else init()
+
+
+def _pin_gpu(local_rank: int) -> None:
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return
+    # Memory growth lets several processes (and the TensorBoard sampler) share a GPU in tests.
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised by the caller; their choice stands
+            return
+    try:
+        tf.config.set_visible_devices(gpus[local_rank % len(gpus)], "GPU")
+    except RuntimeError:
+        pass
+
+
+def horovod_available() -> bool:
+    return hvd is not None
+
+
+def _collectives_active() -> bool:
+    return hvd is not None and world().size > 1
+
+
+def grouped_allreduce_mean(tensors: Sequence[tf.Tensor], compress_fp16: bool = False) -> list[tf.Tensor]:
+    """Averages a list of floating tensors over all ranks with one Horovod grouped allreduce.
+
+    Works eagerly and inside a (non-XLA) tf.function. A Horovod group must share one dtype,
+    so every tensor travels as float32, or as float16 with `compress_fp16`, and comes back
+    in its own dtype. Callers keep bookkeeping values near 1 so that float16 holds them well.
+    """
+    tensors = [tf.convert_to_tensor(t) for t in tensors]
+    if not _collectives_active():
+        return tensors
+    wire_dtype = tf.float16 if compress_fp16 else tf.float32
+    wire = [t if t.dtype == wire_dtype else tf.cast(t, wire_dtype) for t in tensors]
+    reduced = hvd.grouped_allreduce(wire, op=hvd.Average)
+    return [r if r.dtype == t.dtype else tf.cast(r, t.dtype) for r, t in zip(reduced, tensors)]
+
+
+def allreduce_sum(value, name: str | None = None) -> np.ndarray:
+    """Sum of a host value (scalar or array) over ranks, as float64 numpy."""
+    arr = np.asarray(value, dtype=np.float64)
+    if not _collectives_active():
+        return arr
+    return hvd.allreduce(tf.constant(arr), op=hvd.Sum, name=name).numpy()
+
+
+def allreduce_max(value, name: str | None = None) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if not _collectives_active():
+        return arr
+    return hvd.allreduce(tf.constant(arr), op=hvd.Max, name=name).numpy()
+
+
+def allgather(value) -> np.ndarray:
+    """Concatenates each rank's array along axis 0."""
+    arr = np.asarray(value)
+    if not _collectives_active():
+        return arr
+    return hvd.allgather(tf.constant(arr)).numpy()
+
+
+def broadcast_object(obj, root: int = 0):
+    """Sends a picklable Python object from `root` to every rank."""
+    if not _collectives_active():
+        return obj
+    return hvd.broadcast_object(obj, root_rank=root)
+
+
+def broadcast_variables(variables: Sequence, root: int = 0) -> None:
+    """Overwrites every variable with root's value (Keras 3 or tf.Variable)."""
+    variables = list(variables)
+    if not _collectives_active() or not variables:
+        return
+    values = [tf.convert_to_tensor(v.value if hasattr(v, "value") and not isinstance(v, tf.Variable) else v)
+              for v in variables]
+    # One graph holding every broadcast lets Horovod fuse them instead of a round trip per variable.
+    synced = tf.function(lambda vs: [hvd.broadcast(t, root_rank=root) for t in vs])(values)
+    for v, value in zip(variables, synced):
+        v.assign(value)
+
+
+def barrier() -> None:
+    if _collectives_active():
+        hvd.allreduce(tf.constant(0.0), op=hvd.Sum, name="tfllm_barrier")
+
+
+def shutdown() -> None:
+    global _world
+    if hvd is not None and _world is not None:
+        hvd.shutdown()
+    _world = None

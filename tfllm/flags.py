@@ -1,0 +1,140 @@
+"""Every absl flag of tfllm, grouped, and `config_from_flags()`.
+
+Pipelines call the `define_*` functions they need at import time; library code never reads
+FLAGS. Defaults live in `tfllm.config` so that flags, flagfiles and tests agree.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, Config, DataConfig, ModelConfig,
+                          OptimizerConfig, TrainConfig)
+from tfllm.generate import STRATEGIES, SamplingConfig
+
+FLAGS = flags.FLAGS
+_D, _M, _O, _T, _S = DataConfig(), ModelConfig(), OptimizerConfig(), TrainConfig(), SamplingConfig()
+
+
+def _once(fn):
+    done = []
+
+    def wrapper():
+        if not done:
+            fn()
+            done.append(True)
+    return wrapper
+
+
+@_once
+def define_data_flags() -> None:
+    flags.DEFINE_list("corpus", _D.corpus, "Text files, directories, globs (.txt, .jsonl, .gz) or builtin:python-stdlib.")
+    flags.DEFINE_string("data_dir", _D.data_dir, "Prepared data (shards, tokenizer, manifest.json). "
+                        "Default for pretraining: <model_dir>/data.")
+    flags.DEFINE_enum("tokenizer", _D.tokenizer, TOKENIZER_KINDS, "Tokenizer to train on the corpus.")
+    flags.DEFINE_integer("vocab_size", _D.vocab_size, "Tokenizer vocabulary size (for char: an upper bound; 0 = all).")
+    flags.DEFINE_integer("seq_len", _D.seq_len, "Tokens per training window (context length).")
+    flags.DEFINE_float("val_fraction", _D.val_fraction, "Fraction of the corpus held out for validation.")
+    flags.DEFINE_enum("split", _D.split, ["document", "tail"],
+                      "document: hold out whole documents by seeded hash; tail: the last fraction of the text.")
+    flags.DEFINE_integer("num_shards", _D.num_shards, "TFRecord shards per split.")
+    flags.DEFINE_string("jsonl_field", _D.jsonl_field, "Text field of .jsonl records.")
+    flags.DEFINE_enum("on_decode_error", _D.on_decode_error, ["strict", "replace", "skip"],
+                      "Non-UTF-8 input: fail (naming file and byte offset), replace bad bytes, or skip the document.")
+    flags.DEFINE_integer("max_corpus_bytes", _D.max_corpus_bytes, "Stop reading the corpus after this many characters (0: all).")
+    flags.DEFINE_integer("tokenizer_sample_bytes", _D.tokenizer_sample_bytes, "Characters used to train the tokenizer.")
+    flags.DEFINE_integer("data_seed", _D.seed, "Seed of the document split.")
+    flags.DEFINE_bool("overwrite", _D.overwrite, "Replace an existing prepared data directory.")
+
+
+@_once
+def define_model_flags() -> None:
+    flags.DEFINE_enum("model", _M.family, MODEL_FAMILIES, "Model family (keras-hub backbone).")
+    flags.DEFINE_integer("num_layers", _M.num_layers, "Transformer layers.")
+    flags.DEFINE_integer("num_heads", _M.num_heads, "Attention (query) heads.")
+    flags.DEFINE_integer("num_kv_heads", _M.num_kv_heads, "Key/value heads for llama (0: = num_heads).")
+    flags.DEFINE_integer("hidden_dim", _M.hidden_dim, "Model width.")
+    flags.DEFINE_integer("intermediate_dim", _M.intermediate_dim, "Feed-forward width (0: 4 x hidden_dim).")
+    flags.DEFINE_float("dropout", _M.dropout, "Dropout rate.")
+    flags.DEFINE_integer("max_sequence_length", _M.max_sequence_length, "Position table size (gpt2; 0: = seq_len).")
+
+
+@_once
+def define_train_flags() -> None:
+    define_data_flags()
+    define_model_flags()
+    flags.DEFINE_string("model_dir", _T.model_dir, "Checkpoints, config.json and TensorBoard logs. Rerun to resume.")
+    flags.DEFINE_integer("batch_size", _T.batch_size, "Windows per rank per micro-batch.")
+    flags.DEFINE_integer("grad_accum_steps", _T.grad_accum_steps, "Micro-batches per optimizer step.")
+    flags.DEFINE_integer("train_steps", _T.train_steps, "Optimizer steps.")
+    flags.DEFINE_enum("precision", _T.precision, PRECISIONS, "Keras dtype policy.")
+    flags.DEFINE_bool("jit_compile", _T.jit_compile, "XLA-compile the forward/backward and optimizer update.")
+    flags.DEFINE_bool("fp16_allreduce", _T.fp16_allreduce, "Send gradients over the wire as float16.")
+    flags.DEFINE_integer("seed", _T.seed, "Initialisation and shuffle seed.")
+    flags.DEFINE_integer("log_every", _T.log_every, "Steps between progress lines and TensorBoard scalars.")
+    flags.DEFINE_integer("eval_every", _T.eval_every, "Steps between validations (0: only at the end).")
+    flags.DEFINE_integer("eval_steps", _T.eval_steps, "Validation batches per rank (0: the whole split).")
+    flags.DEFINE_integer("checkpoint_every", _T.checkpoint_every, "Steps between checkpoints (0: only at the end).")
+    flags.DEFINE_integer("keep_checkpoints", _T.keep_checkpoints, "Most recent checkpoints kept (the best is kept too).")
+    flags.DEFINE_integer("sample_every", _T.sample_every, "Steps between text samples in TensorBoard (0: only at the end).")
+    flags.DEFINE_string("sample_prompt", _T.sample_prompt, "Prompt of the periodic samples.")
+    flags.DEFINE_integer("sample_tokens", _T.sample_tokens, "Tokens per sample.")
+    flags.DEFINE_bool("verify_data", _T.verify_data, "Check every shard's sha256 against the manifest at start.")
+    flags.DEFINE_integer("shuffle_buffer", _T.shuffle_buffer, "Windows in the shuffle buffer.")
+    flags.DEFINE_float("learning_rate", _O.learning_rate, "Peak learning rate.")
+    flags.DEFINE_float("min_learning_rate", _O.min_learning_rate, "Learning rate at the end of the cosine decay.")
+    flags.DEFINE_integer("warmup_steps", _O.warmup_steps, "Linear warmup steps.")
+    flags.DEFINE_integer("decay_steps", _O.decay_steps, "Step at which the cosine reaches its floor (0: train_steps).")
+    flags.DEFINE_float("beta1", _O.beta1, "AdamW beta1.")
+    flags.DEFINE_float("beta2", _O.beta2, "AdamW beta2.")
+    flags.DEFINE_float("epsilon", _O.epsilon, "AdamW epsilon.")
+    flags.DEFINE_float("weight_decay", _O.weight_decay, "AdamW decoupled weight decay.")
+    flags.DEFINE_bool("decay_embeddings_and_norms", _O.decay_embeddings_and_norms,
+                      "Also decay embeddings and norm scales (biases never are).")
+    flags.DEFINE_float("clip_norm", _O.clip_norm, "Global-norm clipping of the averaged gradient (0: off).")
+    flags.DEFINE_bool("scale_lr_with_world_size", _O.scale_lr_with_world_size,
+                      "Multiply learning rates by the number of ranks (linear scaling rule).")
+
+
+@_once
+def define_sampling_flags() -> None:
+    flags.DEFINE_enum("strategy", _S.strategy, STRATEGIES, "Sampling strategy.")
+    flags.DEFINE_integer("max_new_tokens", _S.max_new_tokens, "Tokens to generate per prompt.")
+    flags.DEFINE_float("temperature", _S.temperature, "Softmax temperature (top_k, top_p, random).")
+    flags.DEFINE_integer("top_k", _S.top_k, "k of top-k sampling.")
+    flags.DEFINE_float("top_p", _S.top_p, "Probability mass of nucleus sampling.")
+    flags.DEFINE_integer("sampling_seed", None, "Seed for reproducible sampling.")
+    flags.DEFINE_bool("stop_at_eod", _S.stop_at_eod, "Stop a continuation at the end-of-document token.")
+
+
+def data_config_from_flags() -> DataConfig:
+    return DataConfig(
+        corpus=list(FLAGS.corpus), data_dir=FLAGS.data_dir, tokenizer=FLAGS.tokenizer, vocab_size=FLAGS.vocab_size,
+        seq_len=FLAGS.seq_len, val_fraction=FLAGS.val_fraction, split=FLAGS.split, num_shards=FLAGS.num_shards,
+        jsonl_field=FLAGS.jsonl_field, on_decode_error=FLAGS.on_decode_error, max_corpus_bytes=FLAGS.max_corpus_bytes,
+        tokenizer_sample_bytes=FLAGS.tokenizer_sample_bytes, seed=FLAGS.data_seed, overwrite=FLAGS.overwrite)
+
+
+def model_config_from_flags() -> ModelConfig:
+    return ModelConfig(
+        family=FLAGS.model, num_layers=FLAGS.num_layers, num_heads=FLAGS.num_heads, num_kv_heads=FLAGS.num_kv_heads,
+        hidden_dim=FLAGS.hidden_dim, intermediate_dim=FLAGS.intermediate_dim, dropout=FLAGS.dropout,
+        max_sequence_length=FLAGS.max_sequence_length or FLAGS.seq_len)
+
+
+def config_from_flags() -> Config:
+    optimizer = OptimizerConfig(
+        learning_rate=FLAGS.learning_rate, min_learning_rate=FLAGS.min_learning_rate, warmup_steps=FLAGS.warmup_steps,
+        decay_steps=FLAGS.decay_steps, beta1=FLAGS.beta1, beta2=FLAGS.beta2, epsilon=FLAGS.epsilon,
+        weight_decay=FLAGS.weight_decay, decay_embeddings_and_norms=FLAGS.decay_embeddings_and_norms,
+        clip_norm=FLAGS.clip_norm, scale_lr_with_world_size=FLAGS.scale_lr_with_world_size)
+    train = TrainConfig(**{name: getattr(FLAGS, name) for name in (
+        "model_dir", "batch_size", "grad_accum_steps", "train_steps", "precision", "jit_compile", "fp16_allreduce",
+        "seed", "log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints", "sample_every",
+        "sample_prompt", "sample_tokens", "verify_data", "shuffle_buffer")})
+    return Config(data=data_config_from_flags(), model=model_config_from_flags(), optimizer=optimizer, train=train)
+
+
+def sampling_config_from_flags() -> SamplingConfig:
+    return SamplingConfig(strategy=FLAGS.strategy, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                          top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.sampling_seed, stop_at_eod=FLAGS.stop_at_eod)

@@ -1,0 +1,72 @@
+"""keras-hub causal language models built from a ModelConfig, and their loss.
+
+Models are built from scratch (no weight downloads). Both families tie the language-model
+head to the token embedding. `keras_hub.models.*CausalLM` is used as the model class because
+it brings a key/value-cached `generate`.
+"""
+
+from __future__ import annotations
+
+import keras
+import keras_hub
+import tensorflow as tf
+
+from tfllm.config import ConfigError, ModelConfig
+from tfllm.tokenizers import PAD_ID
+
+
+def build_causal_lm(cfg: ModelConfig) -> keras_hub.models.CausalLM:
+    if cfg.vocab_size < 4:
+        raise ConfigError(f"model vocab_size={cfg.vocab_size}: take it from the prepared data's manifest")
+    if cfg.family == "gpt2":
+        backbone = keras_hub.models.GPT2Backbone(
+            vocabulary_size=cfg.vocab_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+            hidden_dim=cfg.hidden_dim, intermediate_dim=cfg.ffn_dim, dropout=cfg.dropout,
+            max_sequence_length=cfg.max_sequence_length)
+        return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    if cfg.family == "llama":
+        backbone = keras_hub.models.LlamaBackbone(
+            vocabulary_size=cfg.vocab_size, num_layers=cfg.num_layers, num_query_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, hidden_dim=cfg.hidden_dim,
+            intermediate_dim=cfg.ffn_dim, dropout=cfg.dropout, tie_word_embeddings=True)
+        return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+    raise ConfigError(f"--model={cfg.family!r}: unknown model family")
+
+
+def split_window(windows: tf.Tensor) -> tuple[dict, tf.Tensor, tf.Tensor]:
+    """[B, T+1] windows -> (inputs dict, [B, T] targets, [B, T] float mask of real targets)."""
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    features = {"token_ids": inputs, "padding_mask": tf.ones_like(inputs, dtype=tf.bool)}
+    return features, targets, tf.cast(targets != PAD_ID, tf.float32)
+
+
+def lm_loss_sums(model: keras.Model, windows: tf.Tensor, training: bool):
+    """Summed next-token cross-entropy, correct predictions and target count over the batch.
+
+    Sums rather than means: the distributed step normalises by the global token count, so
+    batches and ranks with different numbers of real tokens are weighted exactly.
+    """
+    features, targets, mask = split_window(windows)
+    logits = tf.cast(model(features, training=training), tf.float32)
+    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+    correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=targets.dtype), targets), tf.float32)
+    return tf.reduce_sum(nll * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask)
+
+
+def count_params(model: keras.Model) -> int:
+    return int(sum(int(tf.size(v)) for v in model.trainable_variables))
+
+
+def non_embedding_params(model: keras.Model) -> int:
+    return int(sum(int(tf.size(v)) for v in model.trainable_variables if "embedding" not in v.path))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> int:
+    """Training FLOPs per token: 6 N + 12 L d T (PaLM appendix B / nanoGPT's estimate).
+
+    6 N covers forward (2 N) and backward (4 N) matrix multiplies over all N trainable
+    parameters (the tied head is counted once, as in the parameter count); 12 L d T is the
+    attention score and weighted-value matmuls (QK^T and AV, forward + backward) for
+    context length T, model width d and L layers.
+    """
+    return 6 * n_params + 12 * cfg.num_layers * cfg.hidden_dim * seq_len

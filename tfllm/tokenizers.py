@@ -1,0 +1,279 @@
+"""Tokenizers: training, saving, loading, and in-graph tokenize/detokenize.
+
+Every tokenizer is a `tf.Module` whose `tokenize`/`detokenize` are TensorFlow (and
+tensorflow-text) ops. Data preparation runs them inside tf.data, generation calls them, and
+the exported SavedModel embeds the very same objects, so the text->ids mapping can never
+drift between preparation, training and serving.
+
+Special tokens are the same for every kind: id 0 pad, 1 end of document, 2 unknown.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import os
+from typing import Iterable, Iterator
+
+import tensorflow as tf
+import tensorflow_text as tf_text
+
+from tfllm.config import ConfigError
+
+PAD, EOD, UNK = "<pad>", "<eod>", "<unk>"
+SPECIAL_TOKENS = (PAD, EOD, UNK)
+PAD_ID, EOD_ID, UNK_ID = 0, 1, 2
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer(tf.Module):
+    kind = ""
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def tokenize(self, strings: tf.Tensor) -> tf.RaggedTensor:
+        """[batch] strings -> [batch, None] int32 ids."""
+        raise NotImplementedError
+
+    def detokenize(self, ids) -> tf.Tensor:
+        """[batch, None] ids (ragged or dense) -> [batch] strings; special tokens are dropped."""
+        raise NotImplementedError
+
+    def files(self) -> dict[str, bytes]:
+        """Files that, written to a directory, let `load_tokenizer` rebuild this tokenizer."""
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenize(tf.constant([text]))[0].numpy().tolist()
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = tf.ragged.constant([list(ids)], dtype=tf.int32)
+        return self.detokenize(ids)[0].numpy().decode("utf-8", errors="replace")
+
+    def save(self, directory: str) -> dict[str, str]:
+        """Writes the tokenizer files; returns {file name: sha256}."""
+        os.makedirs(directory, exist_ok=True)
+        hashes = {}
+        for name, content in self.files().items():
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(content)
+            hashes[name] = hashlib.sha256(content).hexdigest()
+        return hashes
+
+
+def _drop_specials(ids) -> tf.RaggedTensor:
+    if not isinstance(ids, tf.RaggedTensor):
+        ids = tf.RaggedTensor.from_tensor(tf.convert_to_tensor(ids))
+    ids = tf.cast(ids, tf.int32)
+    return tf.ragged.boolean_mask(ids, (ids != PAD_ID) & (ids != EOD_ID))
+
+
+class CharTokenizer(Tokenizer):
+    """Unicode code points; the `vocab_size - 3` most frequent characters of the corpus."""
+
+    kind = "char"
+
+    def __init__(self, chars: list[str], name=None):
+        super().__init__(name=name)
+        self.chars = list(chars)
+        codepoints = tf.constant([ord(c) for c in self.chars], tf.int64)
+        ids = tf.range(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(self.chars), dtype=tf.int64)
+        self._encode_table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(codepoints, ids), default_value=UNK_ID)
+        # U+FFFD renders unknown characters visibly instead of silently dropping them.
+        self._decode_codepoints = tf.constant([0, 0, 0xFFFD] + [ord(c) for c in self.chars], tf.int32)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(SPECIAL_TOKENS) + len(self.chars)
+
+    def tokenize(self, strings):
+        cps = tf.strings.unicode_decode(strings, "UTF-8", errors="replace")
+        return tf.cast(tf.ragged.map_flat_values(self._encode_table.lookup, tf.cast(cps, tf.int64)), tf.int32)
+
+    def detokenize(self, ids):
+        ids = _drop_specials(ids)
+        cps = tf.ragged.map_flat_values(tf.gather, self._decode_codepoints, ids)
+        return tf.strings.unicode_encode(cps, "UTF-8")
+
+    def files(self):
+        return {TOKENIZER_FILE: json.dumps({"kind": self.kind, "chars": self.chars}, ensure_ascii=True).encode()}
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "CharTokenizer":
+        counts = collections.Counter()
+        for text in texts:
+            counts.update(text)
+        if not counts:
+            raise ConfigError("the corpus has no characters to build a character vocabulary from")
+        limit = vocab_size - len(SPECIAL_TOKENS) if vocab_size > 0 else len(counts)
+        if limit < 1:
+            raise ConfigError(f"--vocab_size={vocab_size}: a char tokenizer needs more than {len(SPECIAL_TOKENS)}")
+        # Most frequent first for the cut, then sorted so the ids do not depend on ties in counting.
+        kept = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
+        return cls(sorted(kept))
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes: 256 ids after the specials; needs no training."""
+
+    kind = "byte"
+
+    def __init__(self, name=None):
+        super().__init__(name=name)
+        self._byte_strings = tf.constant([b""] * len(SPECIAL_TOKENS) + [bytes([i]) for i in range(256)])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(SPECIAL_TOKENS) + 256
+
+    def tokenize(self, strings):
+        pieces = tf.strings.bytes_split(strings)
+        raw = tf.ragged.map_flat_values(lambda b: tf.io.decode_raw(b, tf.uint8)[:, 0], pieces)
+        return tf.cast(raw, tf.int32) + len(SPECIAL_TOKENS)
+
+    def detokenize(self, ids):
+        ids = _drop_specials(ids)
+        return tf.strings.reduce_join(tf.ragged.map_flat_values(tf.gather, self._byte_strings, ids), axis=-1)
+
+    def files(self):
+        return {TOKENIZER_FILE: json.dumps({"kind": self.kind}).encode()}
+
+
+class WordPieceTokenizer(Tokenizer):
+    """BERT-style WordPiece over whitespace/punctuation words (case kept)."""
+
+    kind = "wordpiece"
+
+    def __init__(self, vocab: list[str], name=None):
+        super().__init__(name=name)
+        if list(vocab[: len(SPECIAL_TOKENS)]) != list(SPECIAL_TOKENS):
+            raise ConfigError(f"wordpiece vocabulary must start with {SPECIAL_TOKENS}")
+        self.vocab = list(vocab)
+        self._tokenizer = tf_text.FastWordpieceTokenizer(
+            vocab=self.vocab, token_out_type=tf.int32, unknown_token=UNK,
+            no_pretokenization=False, support_detokenization=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def tokenize(self, strings):
+        return self._tokenizer.tokenize(strings)
+
+    def detokenize(self, ids):
+        return self._tokenizer.detokenize(_drop_specials(ids))
+
+    def files(self):
+        return {TOKENIZER_FILE: json.dumps({"kind": self.kind, "vocab": self.vocab}).encode()}
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "WordPieceTokenizer":
+        # The vocabulary is learned with the Rust `tokenizers` trainer (a keras-hub dependency):
+        # tensorflow-text's pure-Python learner needs ~40 s for tiny Shakespeare alone. Both
+        # split on whitespace and punctuation first, as FastWordpieceTokenizer does at run time.
+        from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+
+        hf = HFTokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"))
+        hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                            continuing_subword_prefix="##", show_progress=False)
+        hf.train_from_iterator(texts, trainer=trainer)
+        learned = sorted(hf.get_vocab().items(), key=lambda kv: kv[1])
+        vocab = list(SPECIAL_TOKENS) + [t for t, _ in learned if t not in SPECIAL_TOKENS]
+        if len(vocab) < 0.9 * vocab_size:
+            raise ConfigError(
+                f"--vocab_size={vocab_size}: the corpus supports only about {len(vocab)} wordpieces; ask for fewer")
+        return cls(vocab)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """SentencePiece unigram or BPE, identity normalisation so whitespace and code survive."""
+
+    def __init__(self, model_proto: bytes, kind: str, name=None):
+        super().__init__(name=name)
+        self.kind = kind
+        self.model_proto = model_proto
+        self._tokenizer = tf_text.SentencepieceTokenizer(model=model_proto, out_type=tf.int32)
+        self._vocab_size = int(self._tokenizer.vocab_size().numpy())
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def tokenize(self, strings):
+        return self._tokenizer.tokenize(strings)
+
+    def detokenize(self, ids):
+        return self._tokenizer.detokenize(_drop_specials(ids))
+
+    def files(self):
+        return {
+            TOKENIZER_FILE: json.dumps({"kind": self.kind, "model": "spm.model"}).encode(),
+            "spm.model": self.model_proto,
+        }
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, kind: str) -> "SentencePieceTokenizer":
+        import sentencepiece as spm
+
+        def lines() -> Iterator[str]:
+            for text in texts:
+                for line in text.split("\n"):
+                    if line.strip():
+                        yield line
+
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size,
+                model_type="unigram" if kind.endswith("unigram") else "bpe",
+                pad_id=PAD_ID, eos_id=EOD_ID, unk_id=UNK_ID, bos_id=-1,
+                pad_piece=PAD, eos_piece=EOD, unk_piece=UNK,
+                normalization_rule_name="identity", remove_extra_whitespaces=False,
+                split_digits=True, character_coverage=0.9995,
+                # Byte fallback keeps newlines and rare characters round-trippable.
+                byte_fallback=vocab_size >= 300, max_sentence_length=1 << 16,
+                minloglevel=2, num_threads=os.cpu_count() or 1)
+        except RuntimeError as e:
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+            raise ConfigError(f"--vocab_size={vocab_size}: sentencepiece could not train ({msg})") from None
+        return cls(model.getvalue(), kind)
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    if kind == "char":
+        return CharTokenizer.train(texts, vocab_size)
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "wordpiece":
+        return WordPieceTokenizer.train(texts, vocab_size)
+    if kind.startswith("sentencepiece_"):
+        return SentencePieceTokenizer.train(texts, vocab_size, kind)
+    raise ConfigError(f"--tokenizer={kind!r}: unknown tokenizer")
+
+
+def load_tokenizer(directory: str) -> Tokenizer:
+    path = os.path.join(directory, TOKENIZER_FILE)
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no tokenizer here (was the data prepared with pipelines.prepare_data?)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: corrupt tokenizer file ({e})") from None
+    kind = spec.get("kind")
+    if kind == "char":
+        return CharTokenizer(spec["chars"])
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "wordpiece":
+        return WordPieceTokenizer(spec["vocab"])
+    if kind in ("sentencepiece_unigram", "sentencepiece_bpe"):
+        with open(os.path.join(directory, spec["model"]), "rb") as f:
+            return SentencePieceTokenizer(f.read(), kind)
+    raise ConfigError(f"{path}: unknown tokenizer kind {kind!r}")

@@ -1,0 +1,268 @@
+"""Pretraining loop: data, model, optimizer, distributed step, checkpoints, TensorBoard.
+
+Every rank runs this same function. Decisions that must agree across ranks (prepared data,
+restored step, stop on SIGTERM, non-finite loss) are made from values every rank shares: an
+object broadcast from rank 0 or the bookkeeping that rides in the step's allreduce. Rank 0
+alone writes config.json, checkpoints, TensorBoard events and samples.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfllm import distributed
+from tfllm.checkpoint import CheckpointError, CheckpointManager
+from tfllm.config import Config, ConfigError, OptimizerConfig, model_mismatch
+from tfllm.data.corpus import CorpusError
+from tfllm.data.pipeline import DataError, WindowDataset
+from tfllm.data.prepare import ensure_prepared
+from tfllm.evaluate import evaluate, make_eval_fn
+from tfllm.generate import SamplingConfig, generate_text
+from tfllm.models import build_causal_lm, count_params, flops_per_token, split_window
+from tfllm.step import TrainStep, sync_state
+from tfllm.summary import SummaryWriter, device_peak_flops
+from tfllm.tokenizers import load_tokenizer
+
+CONFIG_FILE = "config.json"
+EXIT_SIGNALLED = 143  # 128 + SIGTERM: a preempted job is not a finished one, so it gets restarted
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, ...); the message names the step."""
+
+
+class StopRequested(Exception):
+    def __init__(self, step: int, checkpoint: str | None):
+        super().__init__(f"stopped by signal at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def make_optimizer(cfg: OptimizerConfig, train_steps: int, world_size: int, model, precision: str):
+    """AdamW with linear warmup then cosine decay to min_learning_rate.
+
+    --scale_lr_with_world_size multiplies both learning rates by the number of ranks (the
+    linear scaling rule of Goyal et al. 2017): the global batch grows with the world, so the
+    step size grows with it; warmup keeps the early large steps stable.
+    """
+    factor = world_size if cfg.scale_lr_with_world_size else 1
+    peak, floor = cfg.learning_rate * factor, cfg.min_learning_rate * factor
+    warmup = min(cfg.warmup_steps, max(train_steps - 1, 0))
+    decay = max(1, (cfg.decay_steps or train_steps) - warmup)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else peak, decay_steps=decay, alpha=floor / peak,
+        warmup_target=peak if warmup else None, warmup_steps=warmup)
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay, beta_1=cfg.beta1,
+                                       beta_2=cfg.beta2, epsilon=cfg.epsilon)
+    excluded = []
+    for v in model.trainable_variables:
+        is_bias = len(v.shape) < 2 and "bias" in v.path
+        is_norm_or_embedding = len(v.shape) < 2 or "embedding" in v.path
+        if is_bias or (is_norm_or_embedding and not cfg.decay_embeddings_and_norms):
+            excluded.append(v)
+    optimizer.exclude_from_weight_decay(var_list=excluded)
+    if precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def current_lr(optimizer) -> float:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return float(inner.learning_rate)
+
+
+def _agree(fn):
+    """Runs fn on rank 0 and shares (result, error message) with every rank."""
+    result, error = None, None
+    if distributed.world().is_chief:
+        try:
+            result = fn()
+        except (ConfigError, CorpusError, DataError, CheckpointError) as e:
+            error = f"{type(e).__name__}: {e}"
+    result, error = distributed.broadcast_object((result, error))
+    if error:
+        kind, message = error.split(": ", 1)
+        raise {"CheckpointError": CheckpointError, "DataError": DataError}.get(kind, ConfigError)(message)
+    return result
+
+
+def resolve_config(cfg: Config, manifest: dict) -> Config:
+    """Fills values that come from the prepared data and checks that the model fits it."""
+    vocab = int(manifest["vocab_size"])
+    if cfg.model.vocab_size and cfg.model.vocab_size != vocab:
+        raise ConfigError(f"--vocab_size={cfg.model.vocab_size} does not match the data's tokenizer "
+                          f"({vocab} tokens in {cfg.data.data_dir}/manifest.json)")
+    cfg.model.vocab_size = vocab
+    seq_len = int(manifest["seq_len"])
+    if cfg.model.family == "gpt2" and cfg.model.max_sequence_length < seq_len:
+        raise ConfigError(f"--max_sequence_length={cfg.model.max_sequence_length} is shorter than the data's "
+                          f"windows (--seq_len={seq_len})")
+    return cfg
+
+
+def check_model_dir(cfg: Config) -> None:
+    path = os.path.join(cfg.train.model_dir, CONFIG_FILE)
+    if os.path.exists(path):
+        saved = Config.load(path)
+        diffs = model_mismatch(saved.model, cfg.model)
+        if diffs:
+            raise CheckpointError(f"{cfg.train.model_dir} holds a different model ({'; '.join(diffs)}); "
+                                  "use another --model_dir or the same model flags")
+
+
+def pretrain(cfg: Config, log=print) -> dict:
+    world = distributed.init()
+    say = log if world.is_chief else (lambda *a, **k: None)
+    tcfg = cfg.train
+    if not cfg.data.data_dir:
+        cfg.data.data_dir = os.path.join(tcfg.model_dir, "data")
+    cfg.validate()
+
+    manifest = _agree(lambda: ensure_prepared(cfg.data, log=say))
+    resolve_config(cfg, manifest)
+    _agree(lambda: check_model_dir(cfg))
+    train_ds = WindowDataset(cfg.data.data_dir, "train", verify=tcfg.verify_data)
+    val_ds = WindowDataset(cfg.data.data_dir, "validation") if manifest["splits"]["validation"]["shards"] else None
+    seq_len = train_ds.seq_len
+
+    keras.mixed_precision.set_global_policy(tcfg.precision)
+    keras.utils.set_random_seed(tcfg.seed)
+    model = build_causal_lm(cfg.model)
+    model(split_window(tf.zeros([1, seq_len + 1], tf.int32))[0])
+    optimizer = make_optimizer(cfg.optimizer, tcfg.train_steps, world.size, model, tcfg.precision)
+    step_fn = TrainStep(model, optimizer, tcfg.batch_size, seq_len, tcfg.grad_accum_steps, cfg.optimizer.clip_norm,
+                        tcfg.jit_compile, tcfg.fp16_allreduce)
+    step_fn.build()
+    state_vars = list(model.variables) + list(optimizer.variables)
+
+    ckpts = CheckpointManager(tcfg.model_dir, keep=tcfg.keep_checkpoints)
+
+    def restore():
+        os.makedirs(tcfg.model_dir, exist_ok=True)
+        cfg.save(os.path.join(tcfg.model_dir, CONFIG_FILE))
+        latest = ckpts.latest()
+        return ckpts.restore(latest, state_vars) if latest else {}
+
+    state = _agree(restore)
+    sync_state(model, optimizer)
+    start = int(state.get("step", 0))
+    if start:
+        say(f"resumed from step {start} ({ckpts.latest()})")
+        if state.get("world_size") != world.size or state.get("batch_size") != tcfg.batch_size \
+                or state.get("grad_accum_steps") != tcfg.grad_accum_steps:
+            say("warning: world size or batch differs from the checkpoint's; the data order continues approximately")
+
+    n_params = count_params(model)
+    fpt = flops_per_token(cfg.model, seq_len, n_params)
+    device, peak = device_peak_flops()
+    writer = SummaryWriter(os.path.join(tcfg.model_dir, "tb"), enabled=world.is_chief)
+    if start == 0:
+        writer.hparams({**{f"model.{k}": v for k, v in vars(cfg.model).items()},
+                        "batch_size": tcfg.batch_size, "global_batch": tcfg.batch_size * tcfg.grad_accum_steps * world.size,
+                        "learning_rate": cfg.optimizer.learning_rate, "precision": tcfg.precision,
+                        "world_size": world.size, "tokenizer": manifest["tokenizer"]["kind"]})
+    say(f"model {cfg.model.family}: {n_params:,} parameters, {fpt:,} FLOPs/token; data {train_ds.num_windows:,} "
+        f"train windows of {seq_len}; world {world.size} ({world.backend}); device {device}; "
+        f"global batch {tcfg.batch_size * tcfg.grad_accum_steps * world.size} x {seq_len} tokens")
+
+    tokenizer = load_tokenizer(os.path.join(cfg.data.data_dir, "tokenizer")) if world.is_chief else None
+    eval_fn = make_eval_fn(model, tcfg.jit_compile)
+
+    def validate(step: int) -> dict | None:
+        if val_ds is None:
+            return None
+        m = evaluate(model, val_ds, tcfg.batch_size, tcfg.eval_steps, eval_fn)
+        writer.scalars("validation", step, {"loss": m["loss"], "perplexity": m["perplexity"], "accuracy": m["accuracy"]})
+        say(f"step {step}: val_loss {m['loss']:.4f} | val_ppl {m['perplexity']:.2f} | {m['tokens']:,} tokens")
+        return m
+
+    def sample(step: int) -> str | None:
+        if not world.is_chief or not tcfg.sample_prompt:
+            return None
+        text = generate_text(model, tokenizer, [tcfg.sample_prompt],
+                             SamplingConfig("greedy", max_new_tokens=min(tcfg.sample_tokens,
+                                            cfg.model.max_sequence_length - len(tokenizer.encode(tcfg.sample_prompt)))))[0]
+        writer.text("train", step, "sample", tcfg.sample_prompt + text)
+        return tcfg.sample_prompt + text
+
+    def save(step: int, epoch: int, val_loss: float | None, tokens_seen: float) -> str | None:
+        if not world.is_chief:
+            return None
+        return ckpts.save(step, state_vars, {
+            "epoch": epoch, "world_size": world.size, "batch_size": tcfg.batch_size,
+            "grad_accum_steps": tcfg.grad_accum_steps, "tokens_seen": tokens_seen}, val_loss)
+
+    signalled = []
+    previous = {s: signal.signal(s, lambda signum, frame: signalled.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    stream = train_ds.stream(start * tcfg.grad_accum_steps, world.rank, world.size, tcfg.batch_size, tcfg.seed,
+                             tcfg.shuffle_buffer)
+    step, epoch = start, 0
+    tokens_seen = float(state.get("tokens_seen", 0.0))
+    last_val = state.get("val_loss")
+    history = []
+    window_tokens, window_start, window_steps = 0.0, time.time(), 0
+    tokens_per_sec = 0.0
+    try:
+        while step < tcfg.train_steps:
+            micro = []
+            for _ in range(tcfg.grad_accum_steps):
+                epoch, batch = next(stream)
+                micro.append(batch)
+            metrics = {k: float(v) for k, v in step_fn(micro, stop_requested=bool(signalled)).items()}
+            step += 1
+            if not math.isfinite(metrics["loss"]):
+                raise TrainingError(f"non-finite loss ({metrics['loss']}) at step {step}; "
+                                    f"the last good checkpoint is {ckpts.latest() or 'none'}")
+            tokens_seen += metrics["tokens"]
+            window_tokens += metrics["tokens"]
+            window_steps += 1
+            history.append(metrics["loss"])
+            if metrics["stop"] > 0:
+                path = save(step, epoch, None, tokens_seen)
+                raise StopRequested(step, path)
+            if step % tcfg.log_every == 0 or step == tcfg.train_steps:
+                elapsed = time.time() - window_start
+                tokens_per_sec = window_tokens / max(elapsed, 1e-9)
+                step_ms = 1000 * elapsed / window_steps
+                achieved = tokens_per_sec * fpt
+                scalars = {"loss": metrics["loss"], "perplexity": math.exp(min(metrics["loss"], 700)),
+                           "accuracy": metrics["accuracy"], "learning_rate": current_lr(optimizer),
+                           "grad_norm": metrics["grad_norm"], "tokens_seen": tokens_seen}
+                perf = {"tokens_per_sec": tokens_per_sec, "step_time_ms": step_ms, "model_flops_per_sec": achieved}
+                if peak:
+                    perf["mfu"] = achieved / (peak * world.size)
+                writer.scalars("train", step, {**scalars, **{f"perf/{k}": v for k, v in perf.items()}})
+                mfu = f" | MFU {perf['mfu']:.1%}" if peak else f" | {achieved / 1e9:.1f} GFLOP/s"
+                say(f"step {step}/{tcfg.train_steps} | loss {metrics['loss']:.4f} | lr {scalars['learning_rate']:.2e} | "
+                    f"gnorm {metrics['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | {step_ms:.1f} ms/step{mfu}")
+                window_tokens, window_start, window_steps = 0.0, time.time(), 0
+            val = None
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.train_steps:
+                val = validate(step)
+                last_val = val["loss"] if val else last_val
+            if tcfg.sample_every and step % tcfg.sample_every == 0 and step < tcfg.train_steps:
+                sample(step)
+            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.train_steps:
+                save(step, epoch, val["loss"] if val else None, tokens_seen)
+            if step % tcfg.log_every == 0:
+                window_start = time.time()  # keep evaluation and saving out of the throughput
+        final_val = validate(step)
+        last_val = final_val["loss"] if final_val else last_val
+        path = save(step, epoch, last_val, tokens_seen) if step > start or not ckpts.latest() else ckpts.latest()
+        text = sample(step)
+        writer.flush()
+        if text is not None:
+            say(f"sample at step {step}:\n{text}")
+        say(f"checkpoint: {path}\nTensorBoard: {os.path.join(tcfg.model_dir, 'tb')}")
+        return {"step": step, "val_loss": last_val, "tokens_per_sec": tokens_per_sec, "losses": history,
+                "checkpoint": path}
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        writer.close()
