@@ -103,8 +103,11 @@ class CheckpointManager:
         with open(os.path.join(path, "state.json")) as f:
             return json.load(f)
 
-    def restore(self, path: str, variables) -> dict:
-        """Loads `variables` (model then optimizer, as saved) from `path`; returns its state."""
+    def restore(self, path: str, variables, model_only: bool = False) -> dict:
+        """Loads `variables` (model then optimizer, as saved) from `path`; returns its state.
+
+        With `model_only`, `variables` are the model's alone (the leading entries), as for inference.
+        """
         variables = list(variables)
         state = self.read_state(path)
         try:
@@ -113,7 +116,7 @@ class CheckpointManager:
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: unreadable variables.npz ({e})") from None
         keys = _keys(variables)
-        if len(stored) != len(keys):
+        if len(stored) != len(keys) and not (model_only and len(stored) > len(keys)):
             raise CheckpointError(f"{path}: holds {len(stored)} variables, this model and optimizer have "
                                   f"{len(keys)} (a checkpoint of another model?)")
         for key, var in zip(keys, variables):

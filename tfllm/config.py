@@ -15,6 +15,7 @@ from typing import Any
 TOKENIZER_KINDS = ("char", "byte", "wordpiece", "sentencepiece_unigram", "sentencepiece_bpe")
 MODEL_FAMILIES = ("gpt2", "llama")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+MAX_SHARDS = 4096  # per split; preparation keeps one open file per shard
 
 
 class ConfigError(ValueError):
@@ -49,8 +50,8 @@ class DataConfig:
             raise ConfigError(f"--val_fraction={self.val_fraction}: must be in [0, 1)")
         if self.seq_len < 2:
             raise ConfigError(f"--seq_len={self.seq_len}: must be at least 2")
-        if self.num_shards < 1:
-            raise ConfigError(f"--num_shards={self.num_shards}: must be at least 1")
+        if not 1 <= self.num_shards <= MAX_SHARDS:
+            raise ConfigError(f"--num_shards={self.num_shards}: must be between 1 and {MAX_SHARDS}")
         if self.vocab_size < 8 and self.tokenizer not in ("char", "byte"):
             raise ConfigError(f"--vocab_size={self.vocab_size}: too small for a {self.tokenizer} tokenizer")
         if not self.corpus:
@@ -131,6 +132,7 @@ class TrainConfig:
     sample_tokens: int = 64
     verify_data: bool = False
     shuffle_buffer: int = 10_000
+    stop_after: int = 0  # stop this invocation after so many steps (checkpoint saved); 0: run to train_steps
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -138,7 +140,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum_steps", "train_steps", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be positive")
-        for name in ("eval_every", "checkpoint_every", "sample_every", "eval_steps"):
+        for name in ("eval_every", "checkpoint_every", "sample_every", "eval_steps", "stop_after"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0")
         if not self.model_dir:

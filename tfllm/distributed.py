@@ -59,7 +59,24 @@ def init(pin_gpu: bool = True) -> World:
         _world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend)
     if pin_gpu:
         _pin_gpu(_world.local_rank)
+    _share_cpu_threads(_world.local_size)
     return _world
+
+
+def _share_cpu_threads(local_size: int) -> None:
+    """Splits the host's cores between the ranks on it when they compute on the CPU.
+
+    Without this every rank sizes its thread pools to all cores, and N ranks on N cores spend
+    their time preempting each other.
+    """
+    if local_size <= 1 or tf.config.list_physical_devices("GPU"):
+        return
+    threads = max(1, (os.cpu_count() or 1) // local_size)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
+    except RuntimeError:  # the runtime already started; the caller configured threads
+        pass
 
 
 def world() -> World:

@@ -7,14 +7,12 @@ those three sums gives the same numbers at any world size.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import tensorflow as tf
 
 from tfllm import distributed
 from tfllm.data.pipeline import DataError, WindowDataset
-from tfllm.models import lm_loss_sums
+from tfllm.models import lm_loss_sums, perplexity
 
 
 def make_eval_fn(model, jit_compile: bool = False):
@@ -40,5 +38,5 @@ def evaluate(model, dataset: WindowDataset, batch_size: int, max_batches: int = 
     if tokens == 0:
         raise DataError(f"{dataset.data_dir}: split {dataset.split!r} has no target tokens to evaluate")
     loss = loss_sum / tokens
-    return {"loss": float(loss), "perplexity": float(math.exp(min(loss, 700.0))),
+    return {"loss": float(loss), "perplexity": perplexity(loss),
             "accuracy": float(correct / tokens), "tokens": int(tokens)}

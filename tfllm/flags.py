@@ -81,6 +81,8 @@ def define_train_flags() -> None:
     flags.DEFINE_integer("sample_tokens", _T.sample_tokens, "Tokens per sample.")
     flags.DEFINE_bool("verify_data", _T.verify_data, "Check every shard's sha256 against the manifest at start.")
     flags.DEFINE_integer("shuffle_buffer", _T.shuffle_buffer, "Windows in the shuffle buffer.")
+    flags.DEFINE_integer("stop_after", _T.stop_after, "Stop this run after so many steps, with a checkpoint; "
+                         "rerun to continue (for time-sliced queues). 0: run to --train_steps.")
     flags.DEFINE_float("learning_rate", _O.learning_rate, "Peak learning rate.")
     flags.DEFINE_float("min_learning_rate", _O.min_learning_rate, "Learning rate at the end of the cosine decay.")
     flags.DEFINE_integer("warmup_steps", _O.warmup_steps, "Linear warmup steps.")
@@ -131,7 +133,7 @@ def config_from_flags() -> Config:
     train = TrainConfig(**{name: getattr(FLAGS, name) for name in (
         "model_dir", "batch_size", "grad_accum_steps", "train_steps", "precision", "jit_compile", "fp16_allreduce",
         "seed", "log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints", "sample_every",
-        "sample_prompt", "sample_tokens", "verify_data", "shuffle_buffer")})
+        "sample_prompt", "sample_tokens", "verify_data", "shuffle_buffer", "stop_after")})
     return Config(data=data_config_from_flags(), model=model_config_from_flags(), optimizer=optimizer, train=train)
 
 

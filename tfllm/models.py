@@ -7,6 +7,8 @@ it brings a key/value-cached `generate`.
 
 from __future__ import annotations
 
+import math
+
 import keras
 import keras_hub
 import tensorflow as tf
@@ -51,6 +53,11 @@ def lm_loss_sums(model: keras.Model, windows: tf.Tensor, training: bool):
     nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
     correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=targets.dtype), targets), tf.float32)
     return tf.reduce_sum(nll * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(80) so that a diverged run still fits TensorBoard's float32."""
+    return math.exp(min(loss, 80.0))
 
 
 def count_params(model: keras.Model) -> int:

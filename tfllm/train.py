@@ -8,8 +8,10 @@ alone writes config.json, checkpoints, TensorBoard events and samples.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import signal
 import time
 
@@ -25,12 +27,12 @@ from tfllm.data.pipeline import DataError, WindowDataset
 from tfllm.data.prepare import ensure_prepared
 from tfllm.evaluate import evaluate, make_eval_fn
 from tfllm.generate import SamplingConfig, generate_text
-from tfllm.models import build_causal_lm, count_params, flops_per_token, split_window
+from tfllm.models import build_causal_lm, count_params, flops_per_token, perplexity, split_window
+from tfllm.restore import CONFIG_FILE, TOKENIZER_DIR
 from tfllm.step import TrainStep, sync_state
 from tfllm.summary import SummaryWriter, device_peak_flops
 from tfllm.tokenizers import load_tokenizer
 
-CONFIG_FILE = "config.json"
 EXIT_SIGNALLED = 143  # 128 + SIGTERM: a preempted job is not a finished one, so it gets restarted
 
 
@@ -122,6 +124,7 @@ def pretrain(cfg: Config, log=print) -> dict:
     tcfg = cfg.train
     if not cfg.data.data_dir:
         cfg.data.data_dir = os.path.join(tcfg.model_dir, "data")
+    cfg.data.data_dir = os.path.abspath(cfg.data.data_dir)
     cfg.validate()
 
     manifest = _agree(lambda: ensure_prepared(cfg.data, log=say))
@@ -146,6 +149,11 @@ def pretrain(cfg: Config, log=print) -> dict:
     def restore():
         os.makedirs(tcfg.model_dir, exist_ok=True)
         cfg.save(os.path.join(tcfg.model_dir, CONFIG_FILE))
+        # The model dir carries its own tokenizer so that it stays usable without the data dir.
+        tok_dir = os.path.join(tcfg.model_dir, TOKENIZER_DIR)
+        if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+            shutil.copytree(os.path.join(cfg.data.data_dir, "tokenizer"), tok_dir + ".tmp", dirs_exist_ok=True)
+            os.replace(tok_dir + ".tmp", tok_dir)
         latest = ckpts.latest()
         return ckpts.restore(latest, state_vars) if latest else {}
 
@@ -171,7 +179,7 @@ def pretrain(cfg: Config, log=print) -> dict:
         f"train windows of {seq_len}; world {world.size} ({world.backend}); device {device}; "
         f"global batch {tcfg.batch_size * tcfg.grad_accum_steps * world.size} x {seq_len} tokens")
 
-    tokenizer = load_tokenizer(os.path.join(cfg.data.data_dir, "tokenizer")) if world.is_chief else None
+    tokenizer = load_tokenizer(os.path.join(tcfg.model_dir, TOKENIZER_DIR)) if world.is_chief else None
     eval_fn = make_eval_fn(model, tcfg.jit_compile)
 
     def validate(step: int) -> dict | None:
@@ -194,6 +202,9 @@ def pretrain(cfg: Config, log=print) -> dict:
     def save(step: int, epoch: int, val_loss: float | None, tokens_seen: float) -> str | None:
         if not world.is_chief:
             return None
+        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in model.trainable_variables):
+            raise TrainingError(f"non-finite weights after step {step}; not saved, the last good checkpoint is "
+                                f"{ckpts.latest() or 'none'}")
         return ckpts.save(step, state_vars, {
             "epoch": epoch, "world_size": world.size, "batch_size": tcfg.batch_size,
             "grad_accum_steps": tcfg.grad_accum_steps, "tokens_seen": tokens_seen}, val_loss)
@@ -203,13 +214,15 @@ def pretrain(cfg: Config, log=print) -> dict:
     stream = train_ds.stream(start * tcfg.grad_accum_steps, world.rank, world.size, tcfg.batch_size, tcfg.seed,
                              tcfg.shuffle_buffer)
     step, epoch = start, 0
+    end = min(tcfg.train_steps, start + tcfg.stop_after) if tcfg.stop_after else tcfg.train_steps
+    metrics_log = open(os.path.join(tcfg.model_dir, "metrics.jsonl"), "a") if world.is_chief else None
     tokens_seen = float(state.get("tokens_seen", 0.0))
     last_val = state.get("val_loss")
     history = []
     window_tokens, window_start, window_steps = 0.0, time.time(), 0
     tokens_per_sec = 0.0
     try:
-        while step < tcfg.train_steps:
+        while step < end:
             micro = []
             for _ in range(tcfg.grad_accum_steps):
                 epoch, batch = next(stream)
@@ -226,18 +239,21 @@ def pretrain(cfg: Config, log=print) -> dict:
             if metrics["stop"] > 0:
                 path = save(step, epoch, None, tokens_seen)
                 raise StopRequested(step, path)
-            if step % tcfg.log_every == 0 or step == tcfg.train_steps:
+            if step % tcfg.log_every == 0 or step == end:
                 elapsed = time.time() - window_start
                 tokens_per_sec = window_tokens / max(elapsed, 1e-9)
                 step_ms = 1000 * elapsed / window_steps
                 achieved = tokens_per_sec * fpt
-                scalars = {"loss": metrics["loss"], "perplexity": math.exp(min(metrics["loss"], 700)),
+                scalars = {"loss": metrics["loss"], "perplexity": perplexity(metrics["loss"]),
                            "accuracy": metrics["accuracy"], "learning_rate": current_lr(optimizer),
                            "grad_norm": metrics["grad_norm"], "tokens_seen": tokens_seen}
                 perf = {"tokens_per_sec": tokens_per_sec, "step_time_ms": step_ms, "model_flops_per_sec": achieved}
                 if peak:
                     perf["mfu"] = achieved / (peak * world.size)
                 writer.scalars("train", step, {**scalars, **{f"perf/{k}": v for k, v in perf.items()}})
+                if metrics_log:
+                    metrics_log.write(json.dumps({"step": step, **scalars, **perf}) + "\n")
+                    metrics_log.flush()
                 mfu = f" | MFU {perf['mfu']:.1%}" if peak else f" | {achieved / 1e9:.1f} GFLOP/s"
                 say(f"step {step}/{tcfg.train_steps} | loss {metrics['loss']:.4f} | lr {scalars['learning_rate']:.2e} | "
                     f"gnorm {metrics['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | {step_ms:.1f} ms/step{mfu}")
@@ -252,6 +268,12 @@ def pretrain(cfg: Config, log=print) -> dict:
                 save(step, epoch, val["loss"] if val else None, tokens_seen)
             if step % tcfg.log_every == 0:
                 window_start = time.time()  # keep evaluation and saving out of the throughput
+        if step < tcfg.train_steps:  # --stop_after: save and leave the rest to the next run
+            path = save(step, epoch, None, tokens_seen)
+            say(f"stopped after {step - start} steps at step {step} (--stop_after); rerun to continue; "
+                f"checkpoint: {path}")
+            return {"step": step, "val_loss": last_val, "tokens_per_sec": tokens_per_sec, "losses": history,
+                    "checkpoint": path}
         final_val = validate(step)
         last_val = final_val["loss"] if final_val else last_val
         path = save(step, epoch, last_val, tokens_seen) if step > start or not ckpts.latest() else ckpts.latest()
@@ -266,3 +288,5 @@ def pretrain(cfg: Config, log=print) -> dict:
         for s, handler in previous.items():
             signal.signal(s, handler)
         writer.close()
+        if metrics_log:
+            metrics_log.close()

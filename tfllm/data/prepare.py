@@ -117,6 +117,18 @@ def _pieces(corpus: Corpus, cfg: DataConfig, total_chars: int) -> Iterator[tuple
             yield 1, doc.text[cut:]
 
 
+def _allow_open_files(needed: int) -> None:
+    """Raises the soft open-file limit toward the hard one: every shard stays open while writing."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < needed:
+            raise ConfigError(f"--num_shards: {needed} open files needed, the system allows {hard}")
+
+
 def _sample(corpus: Corpus, limit: int) -> Iterator[str]:
     used = 0
     for doc in corpus:
@@ -149,6 +161,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> dict:
     log(f"tokenizer: {cfg.tokenizer}, vocabulary {tokenizer.vocab_size}")
     dtype = np.dtype("<u2") if tokenizer.vocab_size <= 65535 else np.dtype("<i4")
 
+    _allow_open_files(2 * cfg.num_shards + 256)
     tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
@@ -186,7 +199,10 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> dict:
             raise ConfigError(f"--num_shards={cfg.num_shards}: more shards than the {train_windows} training "
                               f"window(s) of {cfg.seq_len + 1} tokens the corpus makes")
         if cfg.val_fraction > 0 and splits["validation"]["windows"] == 0:
-            hint = " (one document cannot be split by document: use --split=tail)" if cfg.split == "document" else ""
+            hint = ""
+            if cfg.split == "document":
+                hint = (" (one document cannot be split by document: use --split=tail)" if documents == 1 else
+                        f" (no document of {documents} fell into it: raise --val_fraction or use --split=tail)")
             raise ConfigError(f"--val_fraction={cfg.val_fraction}: the validation split is empty{hint}")
 
         elapsed = time.time() - started

@@ -1,0 +1,73 @@
+import gzip
+import json
+
+import pytest
+
+from tfllm.config import ConfigError
+from tfllm.data.corpus import BUILTIN_STDLIB, Corpus, CorpusError, resolve_files
+
+
+def write(path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_txt_jsonl_gz_directories_and_globs(tmp_path):
+    write(tmp_path / "a.txt", b"first doc")
+    write(tmp_path / "sub" / "b.jsonl", b'{"text": "x1"}\n\n{"text": "x2", "other": 1}\n')
+    with gzip.open(tmp_path / "c.txt.gz", "wb") as f:
+        f.write("gz doc ü".encode())
+    with gzip.open(tmp_path / "d.jsonl.gz", "wb") as f:
+        f.write(b'{"body": "in body"}\n')
+    docs = [d.text for d in Corpus([str(tmp_path / "a.txt"), str(tmp_path / "sub"), str(tmp_path / "c.txt.gz")])]
+    assert docs == ["first doc", "x1", "x2", "gz doc ü"]
+    assert [d.text for d in Corpus([str(tmp_path / "*.jsonl.gz")], jsonl_field="body")] == ["in body"]
+
+
+def test_files_are_deduplicated_and_sorted(tmp_path):
+    for n in "cab":
+        write(tmp_path / f"{n}.txt", n.encode())
+    files = resolve_files([str(tmp_path), str(tmp_path / "a.txt")])
+    assert [f.rsplit("/", 1)[1] for f in files] == ["a.txt", "b.txt", "c.txt"]
+
+
+def test_builtin_stdlib_corpus_exists_without_downloads():
+    corpus = Corpus([BUILTIN_STDLIB], max_bytes=200_000)
+    docs = list(corpus)
+    assert docs and sum(len(d.text) for d in docs) >= 200_000
+    assert all(d.source.endswith(".py") for d in docs)
+
+
+def test_missing_path_empty_glob_and_unknown_builtin(tmp_path):
+    with pytest.raises(CorpusError, match="no such file"):
+        resolve_files([str(tmp_path / "nope.txt")])
+    with pytest.raises(CorpusError, match="matches no files"):
+        resolve_files([str(tmp_path / "*.txt")])
+    with pytest.raises(ConfigError, match="unknown built-in"):
+        resolve_files(["builtin:nope"])
+
+
+def test_invalid_utf8_strict_names_file_and_offset(tmp_path):
+    bad = write(tmp_path / "bad.txt", b"hello \xff world")
+    with pytest.raises(CorpusError, match=r"bad.txt: invalid UTF-8 at byte offset 6"):
+        list(Corpus([str(bad)]))
+    assert [d.text for d in Corpus([str(bad)], on_decode_error="replace")] == ["hello \ufffd world"]
+    good = write(tmp_path / "good.txt", b"fine")
+    corpus = Corpus([str(bad), str(good)], on_decode_error="skip")
+    assert [d.text for d in corpus] == ["fine"] and corpus.skipped == 1
+
+
+def test_invalid_utf8_in_jsonl_names_line(tmp_path):
+    bad = write(tmp_path / "bad.jsonl", b'{"text": "ok"}\n{"text": "\xc3("}\n')
+    with pytest.raises(CorpusError, match=r"bad.jsonl:2: invalid UTF-8 at byte offset 25"):
+        list(Corpus([str(bad)]))
+
+
+def test_jsonl_without_the_field_or_broken_json(tmp_path):
+    write(tmp_path / "a.jsonl", json.dumps({"body": "x"}).encode() + b"\n")
+    with pytest.raises(CorpusError, match="no string field 'text'"):
+        list(Corpus([str(tmp_path / "a.jsonl")]))
+    write(tmp_path / "b.jsonl", b"{oops\n")
+    with pytest.raises(CorpusError, match="b.jsonl:1: not valid JSON"):
+        list(Corpus([str(tmp_path / "b.jsonl")]))

@@ -1,0 +1,153 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfllm import tokenizers
+from tfllm.config import ConfigError, DataConfig
+from tfllm.data import prepare as prep
+from tfllm.data.corpus import CorpusError
+
+
+def make_corpus(directory, n_docs=40, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["".join(rng.choice(list("abcdefghij"), size=rng.integers(2, 7))) for _ in range(200)]
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        (directory / f"doc{i:03d}.txt").write_text(" ".join(rng.choice(words, size=rng.integers(20, 120))))
+    return directory
+
+
+def read_windows(data_dir, split):
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    dtype = np.uint16 if manifest["dtype"] == "uint16" else np.int32
+    shards = [[np.frombuffer(r.numpy(), dtype).astype(np.int32) for r in tf.data.TFRecordDataset(str(data_dir / s["file"]))]
+              for s in manifest["splits"][split]["shards"]]
+    # round-robin: window i lives in shard i % N at position i // N
+    out, i = [], 0
+    while True:
+        shard, pos = shards[i % len(shards)], i // len(shards)
+        if pos >= len(shard):
+            return manifest, out
+        out.append(shard[pos])
+        i += 1
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    return make_corpus(tmp_path / "corpus")
+
+
+def config(corpus_dir, **kw):
+    base = dict(corpus=[str(corpus_dir)], tokenizer="char", vocab_size=0, seq_len=16, val_fraction=0.2,
+                num_shards=3, seed=1)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def test_manifest_counts_hashes_and_exact_packing(tmp_path, corpus_dir):
+    out = tmp_path / "data"
+    manifest = prep.prepare(config(corpus_dir), str(out), log=lambda *a: None)
+    assert manifest == json.loads((out / "manifest.json").read_text())
+    assert manifest["seq_len"] == 16 and manifest["tokenizer"]["kind"] == "char"
+    assert set(manifest["tokenizer"]["files"]) == {"tokenizer.json"}
+    assert manifest["config"]["num_shards"] == 3 and manifest["tool_version"]
+    assert len(manifest["corpus"]["files"]) == 40 and all(len(f["sha256"]) == 64 for f in manifest["corpus"]["files"])
+    total_targets = 0
+    for split in ("train", "validation"):
+        m, windows = read_windows(out, split)
+        info = manifest["splits"][split]
+        assert len(windows) == info["windows"] == sum(s["windows"] for s in info["shards"])
+        assert max(s["windows"] for s in info["shards"]) - min(s["windows"] for s in info["shards"]) <= 1
+        assert all(len(w) == 17 for w in windows)
+        for a, b in zip(windows, windows[1:]):  # consecutive windows overlap by one token
+            assert a[-1] == b[0]
+        targets = sum(int(np.count_nonzero(w[1:] != tokenizers.PAD_ID)) for w in windows)
+        assert targets == info["tokens"]
+        total_targets += targets
+        for s in info["shards"]:
+            import hashlib
+            assert hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() == s["sha256"]
+    # every character plus one <eod> per document is in a stream; the first token of each split is never a target
+    chars = sum(len(p.read_text()) for p in corpus_dir.iterdir())
+    assert total_targets == chars + 40 - 2
+
+
+def test_document_split_is_deterministic_and_by_document(tmp_path, corpus_dir):
+    a = prep.prepare(config(corpus_dir), str(tmp_path / "a"), log=lambda *a: None)
+    b = prep.prepare(config(corpus_dir), str(tmp_path / "b"), log=lambda *a: None)
+    assert [s["sha256"] for s in a["splits"]["train"]["shards"]] == [s["sha256"] for s in b["splits"]["train"]["shards"]]
+    val_docs = [i for i in range(40) if prep._is_val_document(i, 1, 0.2)]
+    assert 0 < len(val_docs) < 40
+    c = prep.prepare(config(corpus_dir, seed=2), str(tmp_path / "c"), log=lambda *a: None)
+    assert c["splits"]["validation"]["tokens"] != a["splits"]["validation"]["tokens"]
+
+
+def test_tail_split_matches_nanogpt_character_split(tmp_path, shakespeare):
+    m = prep.prepare(DataConfig(corpus=[str(shakespeare)], tokenizer="char", vocab_size=0, seq_len=64,
+                                val_fraction=0.1, split="tail", num_shards=2), str(tmp_path / "d"), log=lambda *a: None)
+    assert m["vocab_size"] == 65 + 3
+    # nanoGPT: 1,003,854 train and 111,540 val characters; each split predicts all but its first
+    # token, plus the <eod> that closes the document (it falls in validation)
+    assert m["splits"]["train"]["tokens"] == 1_003_854
+    assert m["splits"]["validation"]["tokens"] == 111_540
+
+
+@pytest.mark.parametrize("kind,vocab", [("byte", 0), ("wordpiece", 60), ("sentencepiece_bpe", 40)])
+def test_other_tokenizers_prepare(tmp_path, corpus_dir, kind, vocab):
+    m = prep.prepare(config(corpus_dir, tokenizer=kind, vocab_size=vocab), str(tmp_path / kind), log=lambda *a: None)
+    assert m["tokenizer"]["kind"] == kind and m["splits"]["train"]["windows"] > 3
+    tok = tokenizers.load_tokenizer(str(tmp_path / kind / "tokenizer"))
+    assert tok.vocab_size == m["vocab_size"]
+
+
+def test_refuses_existing_output_and_keeps_it(tmp_path, corpus_dir):
+    out = tmp_path / "data"
+    prep.prepare(config(corpus_dir), str(out), log=lambda *a: None)
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(ConfigError, match="exists.*--overwrite"):
+        prep.prepare(config(corpus_dir, seq_len=8), str(out), log=lambda *a: None)
+    assert (out / "manifest.json").read_bytes() == before
+    prep.prepare(config(corpus_dir, seq_len=8, overwrite=True), str(out), log=lambda *a: None)
+    assert json.loads((out / "manifest.json").read_text())["seq_len"] == 8
+
+
+def test_interrupted_run_leaves_previous_output_and_no_debris(tmp_path, corpus_dir, monkeypatch):
+    out = tmp_path / "data"
+    prep.prepare(config(corpus_dir), str(out), log=lambda *a: None)
+    before = sorted(os.listdir(out))
+    calls = []
+
+    def boom(self, ids):
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(prep._Packer, "add", boom)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare(config(corpus_dir, overwrite=True), str(out), log=lambda *a: None)
+    assert sorted(os.listdir(out)) == before
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "data"]
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, corpus_dir):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(CorpusError, match="empty"):
+        prep.prepare(config(corpus_dir, corpus=[str(tmp_path / "empty.txt")]), str(tmp_path / "o1"), log=lambda *a: None)
+    with pytest.raises(ConfigError, match="--num_shards=4000: more shards than the"):
+        prep.prepare(config(corpus_dir, num_shards=4000), str(tmp_path / "o2"), log=lambda *a: None)
+    (tmp_path / "one.txt").write_text("a single document " * 50)
+    with pytest.raises(ConfigError, match="validation split is empty.*--split=tail"):
+        prep.prepare(config(corpus_dir, corpus=[str(tmp_path / "one.txt")], num_shards=1),
+                     str(tmp_path / "o3"), log=lambda *a: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "empty.txt", "one.txt"]
+
+
+def test_ensure_prepared_reuses_or_refuses(tmp_path, corpus_dir):
+    cfg = config(corpus_dir, data_dir=str(tmp_path / "d"))
+    first = prep.ensure_prepared(cfg, log=lambda *a: None)
+    assert prep.ensure_prepared(cfg, log=lambda *a: None)["created"] == first["created"]
+    cfg.seq_len = 8
+    with pytest.raises(ConfigError, match="prepared with other settings \\(seq_len\\)"):
+        prep.ensure_prepared(cfg, log=lambda *a: None)

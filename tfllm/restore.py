@@ -1,0 +1,49 @@
+"""Loading a trained model dir (config.json, tokenizer/, checkpoints/) for inference."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import keras
+import tensorflow as tf
+
+from tfllm.checkpoint import CheckpointError, CheckpointManager
+from tfllm.config import Config, ConfigError
+from tfllm.models import build_causal_lm, split_window
+from tfllm.tokenizers import Tokenizer, load_tokenizer
+
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    model: keras.Model
+    tokenizer: Tokenizer
+    config: Config
+    checkpoint: str
+    step: int
+
+
+def load_trained_model(model_dir: str, checkpoint: str | None = "latest") -> TrainedModel:
+    if not model_dir:
+        raise ConfigError("--model_dir is required")
+    if not os.path.isdir(model_dir):
+        raise ConfigError(f"--model_dir={model_dir}: no such directory")
+    config_path = os.path.join(model_dir, CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise ConfigError(f"{model_dir}: no {CONFIG_FILE} (not a model dir written by pipelines.pretrain)")
+    cfg = Config.load(config_path)
+    tokenizer = load_tokenizer(os.path.join(model_dir, TOKENIZER_DIR))
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise CheckpointError(f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens, the model "
+                              f"{cfg.model.vocab_size}")
+    manager = CheckpointManager(model_dir)
+    path = manager.resolve(checkpoint)
+    # Inference runs in float32 whatever the training policy was; the variables are float32 anyway.
+    keras.mixed_precision.set_global_policy("float32")
+    model = build_causal_lm(cfg.model)
+    model(split_window(tf.zeros([1, 2], tf.int32))[0])
+    state = manager.restore(path, model.variables, model_only=True)
+    return TrainedModel(model, tokenizer, cfg, path, int(state.get("step", 0)))
