@@ -15,10 +15,15 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 install:
 	@bash .ci/install.sh
 
+DEMO_STEPS ?= 1500
+
+# The tiny config, trained longer than CI trains it so that the sample looks like Python.
 demo: install
 	horovodrun -np $(NP) -H localhost:$(NP) --gloo $(PY) -m pipelines.pretrain \
-	  --flagfile=flags/tiny.cfg --model_dir=$(RUN_DIR)/model --data_dir=$(RUN_DIR)/data
-	$(PY) -m pipelines.generate --model_dir=$(RUN_DIR)/model --prompt="def " --max_new_tokens=120 --seed=0
+	  --flagfile=flags/tiny.cfg --model_dir=$(RUN_DIR)/model --data_dir=$(RUN_DIR)/data \
+	  --train_steps=$(DEMO_STEPS) --eval_every=500 --checkpoint_every=500 --log_every=100
+	$(PY) -m pipelines.generate --model_dir=$(RUN_DIR)/model --prompt="def " --max_new_tokens=120 \
+	  --strategy=top_k --top_k=10 --temperature=0.8 --sampling_seed=0
 	@echo "TensorBoard logs: $(RUN_DIR)/model/tb   (view with: $(VENV)/bin/tensorboard --logdir $(RUN_DIR)/model/tb)"
 
 test: install

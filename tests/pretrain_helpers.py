@@ -6,6 +6,7 @@ import pathlib
 from conftest import run
 
 TINY = ["-m", "pipelines.pretrain", "--flagfile=flags/tiny.cfg", "--max_corpus_bytes=400000", "--hidden_dim=32",
+        "--seq_len=64", "--max_sequence_length=64",
         "--batch_size=8", "--eval_steps=4", "--log_every=1", "--sample_tokens=16", "--shuffle_buffer=256"]
 
 

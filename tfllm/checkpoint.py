@@ -23,6 +23,7 @@ import numpy as np
 CKPT_DIR = "checkpoints"
 INDEX = "index.json"
 _NAME = re.compile(r"^ckpt-(\d{8})$")
+_AUTO_NUMBER = re.compile(r"_\d+(?=[/_]|$)")
 
 
 class CheckpointError(RuntimeError):
@@ -115,19 +116,27 @@ class CheckpointManager:
                 stored = {k: z[k] for k in z.files}
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: unreadable variables.npz ({e})") from None
-        keys = _keys(variables)
-        if len(stored) != len(keys) and not (model_only and len(stored) > len(keys)):
+        if len(stored) != len(variables) and not (model_only and len(stored) > len(variables)):
             raise CheckpointError(f"{path}: holds {len(stored)} variables, this model and optimizer have "
-                                  f"{len(keys)} (a checkpoint of another model?)")
-        for key, var in zip(keys, variables):
-            if key not in stored:
-                raise CheckpointError(f"{path}: no variable {key.split(':', 1)[1]!r} (a checkpoint of another model?)")
-            value = stored[key]
+                                  f"{len(variables)} (a checkpoint of another model?)")
+        # Variables match by position; their paths must agree up to Keras's automatic numbering
+        # ("gpt2_backbone_1" when a second model is built in one process).
+        by_index = {int(k.split(":", 1)[0]): (k, v) for k, v in stored.items()}
+        values = []
+        for i, var in enumerate(variables):
+            if i not in by_index:
+                raise CheckpointError(f"{path}: no variable #{i} ({var.path}) (a checkpoint of another model?)")
+            key, value = by_index[i]
+            saved_path = key.split(":", 1)[1]
+            if _AUTO_NUMBER.sub("", saved_path) != _AUTO_NUMBER.sub("", var.path):
+                raise CheckpointError(f"{path}: variable #{i} is {saved_path!r} in the checkpoint, {var.path!r} in "
+                                      "this model (a checkpoint of another model?)")
             if tuple(value.shape) != tuple(var.shape):
                 raise CheckpointError(f"{path}: {var.path} has shape {tuple(value.shape)} in the checkpoint, "
                                       f"{tuple(var.shape)} in this model")
-        for key, var in zip(keys, variables):
-            var.assign(stored[key])
+            values.append(value)
+        for var, value in zip(variables, values):
+            var.assign(value)
         return state
 
     # ----------------------------------------------------------------- writing
@@ -168,6 +177,6 @@ class CheckpointManager:
         for n in names:
             if n not in protected:
                 shutil.rmtree(os.path.join(self.dir, n), ignore_errors=True)
-        for n in os.listdir(self.dir):  # leftovers of a save that was killed
-            if n.startswith(".tmp-") and not n.endswith(f"-{os.getpid()}"):
+        for n in os.listdir(self.dir):  # leftovers of a save that was killed (saves are synchronous)
+            if n.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(self.dir, n), ignore_errors=True)

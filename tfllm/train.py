@@ -219,16 +219,20 @@ def pretrain(cfg: Config, log=print) -> dict:
     tokens_seen = float(state.get("tokens_seen", 0.0))
     last_val = state.get("val_loss")
     history = []
-    window_tokens, window_start, window_steps = 0.0, time.time(), 0
+    # Throughput counts time spent fetching data and stepping only; validation, samples and
+    # checkpoints are kept out of it.
+    window_tokens, window_time, window_steps = 0.0, 0.0, 0
     tokens_per_sec = 0.0
     try:
         while step < end:
+            started = time.perf_counter()
             micro = []
             for _ in range(tcfg.grad_accum_steps):
                 epoch, batch = next(stream)
                 micro.append(batch)
             metrics = {k: float(v) for k, v in step_fn(micro, stop_requested=bool(signalled)).items()}
             step += 1
+            window_time += time.perf_counter() - started
             if not math.isfinite(metrics["loss"]):
                 raise TrainingError(f"non-finite loss ({metrics['loss']}) at step {step}; "
                                     f"the last good checkpoint is {ckpts.latest() or 'none'}")
@@ -240,9 +244,8 @@ def pretrain(cfg: Config, log=print) -> dict:
                 path = save(step, epoch, None, tokens_seen)
                 raise StopRequested(step, path)
             if step % tcfg.log_every == 0 or step == end:
-                elapsed = time.time() - window_start
-                tokens_per_sec = window_tokens / max(elapsed, 1e-9)
-                step_ms = 1000 * elapsed / window_steps
+                tokens_per_sec = window_tokens / max(window_time, 1e-9)
+                step_ms = 1000 * window_time / window_steps
                 achieved = tokens_per_sec * fpt
                 scalars = {"loss": metrics["loss"], "perplexity": perplexity(metrics["loss"]),
                            "accuracy": metrics["accuracy"], "learning_rate": current_lr(optimizer),
@@ -257,7 +260,7 @@ def pretrain(cfg: Config, log=print) -> dict:
                 mfu = f" | MFU {perf['mfu']:.1%}" if peak else f" | {achieved / 1e9:.1f} GFLOP/s"
                 say(f"step {step}/{tcfg.train_steps} | loss {metrics['loss']:.4f} | lr {scalars['learning_rate']:.2e} | "
                     f"gnorm {metrics['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | {step_ms:.1f} ms/step{mfu}")
-                window_tokens, window_start, window_steps = 0.0, time.time(), 0
+                window_tokens, window_time, window_steps = 0.0, 0.0, 0
             val = None
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.train_steps:
                 val = validate(step)
@@ -266,8 +269,6 @@ def pretrain(cfg: Config, log=print) -> dict:
                 sample(step)
             if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.train_steps:
                 save(step, epoch, val["loss"] if val else None, tokens_seen)
-            if step % tcfg.log_every == 0:
-                window_start = time.time()  # keep evaluation and saving out of the throughput
         if step < tcfg.train_steps:  # --stop_after: save and leave the rest to the next run
             path = save(step, epoch, None, tokens_seen)
             say(f"stopped after {step - start} steps at step {step} (--stop_after); rerun to continue; "
