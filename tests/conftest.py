@@ -53,3 +53,14 @@ def shakespeare():
     if not SHAKESPEARE.exists():
         pytest.skip(f"{SHAKESPEARE} not present")
     return SHAKESPEARE
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory):
+    """A tiny model trained for 30 steps (shared by the generate, evaluate and export tests)."""
+    from pretrain_helpers import pretrain
+
+    tmp = tmp_path_factory.mktemp("trained")
+    pretrain(tmp / "model", "--train_steps=30", "--eval_every=0", "--checkpoint_every=15", "--sample_prompt=",
+             data_dir=tmp / "data")
+    return tmp / "model"

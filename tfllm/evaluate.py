@@ -15,8 +15,38 @@ from tfllm.data.pipeline import DataError, WindowDataset
 from tfllm.models import lm_loss_sums, perplexity
 
 
+class TextWindows:
+    """Windows of a raw text file tokenized with a model's tokenizer (not seen at preparation).
+
+    The text is one document: packed like prepared data (windows of seq_len + 1 overlapping by one
+    token, the last padded), so its loss is comparable with a prepared split's.
+    """
+
+    def __init__(self, path: str, tokenizer, seq_len: int):
+        from tfllm.data.corpus import Corpus
+        from tfllm.tokenizers import EOD_ID, PAD_ID
+
+        ids = []
+        for doc in Corpus([path]):
+            ids.extend(tokenizer.encode(doc.text) + [EOD_ID])
+        if len(ids) < 2:
+            raise DataError(f"{path}: no text to evaluate")
+        n = max(1, -(-(len(ids) - 1) // seq_len))
+        windows = np.full((n, seq_len + 1), PAD_ID, np.int32)
+        for i in range(n):
+            chunk = ids[i * seq_len: i * seq_len + seq_len + 1]
+            windows[i, : len(chunk)] = chunk
+        self.windows, self.data_dir, self.split, self.seq_len = windows, path, "text", seq_len
+
+    def epoch(self, epoch, rank=0, size=1, batch_size=8, seed=0, shuffle=False, drop_remainder=False, **_):
+        ds = tf.data.Dataset.from_tensor_slices(self.windows).shard(size, rank)
+        return ds.batch(batch_size, drop_remainder=drop_remainder)
+
+
 def make_eval_fn(model, jit_compile: bool = False):
-    return tf.function(lambda windows: tf.stack(lm_loss_sums(model, windows, training=False)),
+    # Per-window sums, added up in float64 on the host: the totals then do not depend on how
+    # windows were grouped into batches and ranks (float32 batch sums would, at ~1e-8).
+    return tf.function(lambda windows: tf.stack(lm_loss_sums(model, windows, training=False, per_window=True), 1),
                        jit_compile=jit_compile, reduce_retracing=True)
 
 
@@ -30,7 +60,7 @@ def evaluate(model, dataset: WindowDataset, batch_size: int, max_batches: int = 
     sums = np.zeros(3, np.float64)
     try:
         for batch in ds:
-            sums += eval_fn(batch).numpy().astype(np.float64)
+            sums += eval_fn(batch).numpy().astype(np.float64).sum(axis=0)
     except tf.errors.DataLossError as e:
         raise DataError(f"{dataset.data_dir}: corrupt record in split {dataset.split!r} "
                         f"({e.message.splitlines()[0]}); run with --verify_data to name the shard") from None

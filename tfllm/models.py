@@ -42,17 +42,19 @@ def split_window(windows: tf.Tensor) -> tuple[dict, tf.Tensor, tf.Tensor]:
     return features, targets, tf.cast(targets != PAD_ID, tf.float32)
 
 
-def lm_loss_sums(model: keras.Model, windows: tf.Tensor, training: bool):
+def lm_loss_sums(model: keras.Model, windows: tf.Tensor, training: bool, per_window: bool = False):
     """Summed next-token cross-entropy, correct predictions and target count over the batch.
 
     Sums rather than means: the distributed step normalises by the global token count, so
-    batches and ranks with different numbers of real tokens are weighted exactly.
+    batches and ranks with different numbers of real tokens are weighted exactly. With
+    `per_window` the sums are [batch] vectors, one entry per window.
     """
     features, targets, mask = split_window(windows)
     logits = tf.cast(model(features, training=training), tf.float32)
     nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
     correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=targets.dtype), targets), tf.float32)
-    return tf.reduce_sum(nll * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask)
+    axis = 1 if per_window else None  # per window: evaluation sums them in float64 on the host
+    return tf.reduce_sum(nll * mask, axis), tf.reduce_sum(correct * mask, axis), tf.reduce_sum(mask, axis)
 
 
 def perplexity(loss: float) -> float:

@@ -1,0 +1,42 @@
+import json
+
+import pytest
+
+from conftest import run
+
+pytestmark = pytest.mark.slow
+
+
+def evaluate(model_dir, out, launcher="none", *extra):
+    run(["-m", "pipelines.evaluate", f"--model_dir={model_dir}", f"--output_json={out}", "--eval_batch_size=5",
+         *extra], launcher=launcher)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("extra", [[], ["--split=train", "--max_batches=0"]])
+def test_one_and_two_ranks_give_identical_numbers(trained_model_dir, tmp_path, extra):
+    one = evaluate(trained_model_dir, tmp_path / "one.json", "none", *extra)
+    two = evaluate(trained_model_dir, tmp_path / "two.json", "gloo", *extra)
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert one["tokens"] == two["tokens"] > 0
+    assert abs(one["loss"] - two["loss"]) <= 1e-9 * abs(one["loss"])
+    assert (trained_model_dir / "tb" / "eval").exists()
+
+
+def test_raw_text_file_with_the_models_tokenizer(trained_model_dir, tmp_path):
+    text = tmp_path / "unseen.txt"
+    text.write_text("def unseen_function(argument):\n    return argument * 2\n" * 20)
+    one = evaluate(trained_model_dir, tmp_path / "t1.json", "none", f"--text_file={text}")
+    two = evaluate(trained_model_dir, tmp_path / "t2.json", "mpi", f"--text_file={text}")
+    # every character and the closing <eod> are targets; the first character is context only
+    assert one["tokens"] == two["tokens"] == len(text.read_text())
+    assert abs(one["loss"] - two["loss"]) <= 1e-9 * abs(one["loss"])
+    assert one["split"] == "text"
+
+
+def test_existing_output_json_is_refused(trained_model_dir, tmp_path):
+    out = tmp_path / "x.json"
+    out.write_text("{}")
+    proc = run(["-m", "pipelines.evaluate", f"--model_dir={trained_model_dir}", f"--output_json={out}"], check=False)
+    assert proc.returncode == 1 and "--overwrite" in proc.stderr.strip().splitlines()[-1]
+    assert out.read_text() == "{}"

@@ -1,0 +1,96 @@
+"""SavedModel export with string-in / string-out serving signatures.
+
+The exported module holds the tokenizer (`tfllm.tokenizers`, TensorFlow + tensorflow-text ops
+with its vocabulary or SentencePiece model as graph constants) and the Keras model, so a server
+needs only `import tensorflow, tensorflow_text` to load it:
+
+    generate(prompts: string[B], max_new_tokens: int32[]) -> {"text": string[B]}
+        greedy continuation (keras-hub's cached sampler), stopping at <eod>; same as
+        `pipelines.generate --strategy=greedy`.
+    score(texts: string[B]) -> {"log_prob": float32[B], "tokens": int32[B]}
+        total natural-log probability of each text given the start-of-document context (<eod>,
+        as in training), over at most `context - 1` tokens; `tokens` says how many were scored.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import keras
+import keras_hub
+import tensorflow as tf
+
+from tfllm.config import ConfigError
+from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
+
+
+class ServingModule(tf.Module):
+    def __init__(self, model: keras.Model, tokenizer: Tokenizer, context: int):
+        super().__init__(name="tfllm_serving")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context = int(context)
+        model.compile(sampler=keras_hub.samplers.GreedySampler())
+        self.generate = tf.function(self._generate, input_signature=[
+            tf.TensorSpec([None], tf.string, name="prompts"), tf.TensorSpec([], tf.int32, name="max_new_tokens")])
+        self.score = tf.function(self._score, input_signature=[tf.TensorSpec([None], tf.string, name="texts")])
+
+    def _generate(self, prompts, max_new_tokens):
+        ids = self.tokenizer.tokenize(prompts)
+        lengths = tf.cast(ids.row_lengths(), tf.int32)
+        tf.debugging.assert_positive(tf.reduce_min(lengths), message="empty prompt")
+        tf.debugging.assert_positive(max_new_tokens, message="max_new_tokens must be positive")
+        total = tf.reduce_max(lengths) + max_new_tokens
+        tf.debugging.assert_less_equal(total, self.context, message="prompt + max_new_tokens exceeds the context")
+        token_ids = ids.to_tensor(default_value=PAD_ID)
+        token_ids = tf.pad(token_ids, [[0, 0], [0, total - tf.shape(token_ids)[1]]], constant_values=PAD_ID)
+        mask = tf.sequence_mask(lengths, total)
+        out = self.model.generate_step({"token_ids": token_ids, "padding_mask": mask}, stop_token_ids=[EOD_ID])
+        generated = out["token_ids"]
+        positions = tf.range(total)[tf.newaxis, :]
+        is_new = (positions >= lengths[:, tf.newaxis]) & (positions < (lengths + max_new_tokens)[:, tf.newaxis])
+        # Cut each row at its first generated <eod>: what follows belongs to no document.
+        after_eod = tf.math.cumsum(tf.cast(is_new & tf.equal(generated, EOD_ID), tf.int32), axis=1) > 0
+        new = tf.ragged.boolean_mask(generated, is_new & ~after_eod)
+        return {"text": self.tokenizer.detokenize(new)}
+
+    def _score(self, texts):
+        ids = self.tokenizer.tokenize(texts)[:, : self.context - 1]
+        eod = tf.fill([tf.shape(texts)[0], 1], EOD_ID)
+        full = tf.concat([eod, ids], axis=1)
+        lengths = tf.cast(full.row_lengths(), tf.int32)
+        dense = full.to_tensor(default_value=PAD_ID)
+        inputs, targets = dense[:, :-1], dense[:, 1:]
+        mask = tf.sequence_mask(lengths - 1, tf.shape(targets)[1])
+        logits = tf.cast(self.model({"token_ids": inputs, "padding_mask": tf.ones_like(inputs, tf.bool)}), tf.float32)
+        log_probs = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+        log_probs = tf.where(mask, log_probs, 0.0)
+        return {"log_prob": tf.reduce_sum(log_probs, axis=1), "tokens": lengths - 1}
+
+
+def export(model: keras.Model, tokenizer: Tokenizer, context: int, out_dir: str, overwrite: bool = False) -> str:
+    """Writes `<out_dir>/saved_model` and `<out_dir>/model.keras`, atomically; returns out_dir."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise ConfigError(f"{out_dir}: output path exists (pass --overwrite to replace it)")
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        module = ServingModule(model, tokenizer, context)
+        tf.saved_model.save(module, os.path.join(tmp, "saved_model"),
+                            signatures={"generate": module.generate, "score": module.score})
+        model.save(os.path.join(tmp, "model.keras"))
+        tokenizer.save(os.path.join(tmp, "tokenizer"))
+        if os.path.exists(out_dir):
+            old = f"{out_dir}.old-{os.getpid()}"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
