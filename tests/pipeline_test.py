@@ -4,7 +4,6 @@ exercised here in one process exactly as each process of a 2-rank job computes t
 import collections
 import itertools
 
-import numpy as np
 import pytest
 
 from prepare_test import make_corpus

@@ -151,3 +151,21 @@ def test_ensure_prepared_reuses_or_refuses(tmp_path, corpus_dir):
     cfg.seq_len = 8
     with pytest.raises(ConfigError, match="prepared with other settings \\(seq_len\\)"):
         prep.ensure_prepared(cfg, log=lambda *a: None)
+
+
+def test_window_stride_overlaps_windows_and_still_covers_every_token(tmp_path, corpus_dir):
+    base = prep.prepare(config(corpus_dir, num_shards=1, val_fraction=0.0), str(tmp_path / "a"), log=lambda *a: None)
+    m = prep.prepare(config(corpus_dir, num_shards=1, val_fraction=0.0, window_stride=4), str(tmp_path / "b"),
+                     log=lambda *a: None)
+    assert m["window_stride"] == 4 and base["window_stride"] == 16
+    _, windows = read_windows(tmp_path / "b", "train")
+    _, plain = read_windows(tmp_path / "a", "train")
+    for a, b in zip(windows, windows[1:]):
+        assert np.array_equal(a[4:], b[:13]) or b[-1] == tokenizers.PAD_ID  # next window starts 4 tokens later
+    stream = np.concatenate([plain[0]] + [w[1:] for w in plain[1:]])
+    stream = stream[stream != tokenizers.PAD_ID]
+    rebuilt = np.concatenate([windows[0]] + [w[-4:] for w in windows[1:-1]])
+    assert np.array_equal(rebuilt, stream[: len(rebuilt)])
+    tail = windows[-1][windows[-1] != tokenizers.PAD_ID]
+    assert np.array_equal(tail[-3:], stream[-3:])  # the last tokens are in the final (padded) window
+    assert 3.5 < len(windows) / len(plain) < 4.5

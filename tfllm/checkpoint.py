@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from tfllm import atomic
+
 CKPT_DIR = "checkpoints"
 INDEX = "index.json"
 _NAME = re.compile(r"^ckpt-(\d{8})$")
@@ -36,15 +38,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _keys(variables) -> list[str]:
@@ -153,7 +146,7 @@ class CheckpointManager:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        _write_json(os.path.join(tmp, "state.json"), {**state, "step": step, "val_loss": val_loss,
+        atomic.write_json(os.path.join(tmp, "state.json"), {**state, "step": step, "val_loss": val_loss,
                                                       "saved_at": time.time()})
         if os.path.exists(final):  # re-saving a step (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
@@ -165,7 +158,7 @@ class CheckpointManager:
         best = index.get("best")
         if val_loss is not None and np.isfinite(val_loss) and (best is None or val_loss < best["val_loss"]):
             index["best"] = {"name": name, "step": step, "val_loss": float(val_loss)}
-        _write_json(os.path.join(self.dir, INDEX), index)
+        atomic.write_json(os.path.join(self.dir, INDEX), index)
         self._prune(index)
         return final
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
+
+from tfllm import atomic
 
 TOKENIZER_KINDS = ("char", "byte", "wordpiece", "sentencepiece_unigram", "sentencepiece_bpe")
 MODEL_FAMILIES = ("gpt2", "llama")
@@ -29,6 +30,7 @@ class DataConfig:
     tokenizer: str = "char"
     vocab_size: int = 512
     seq_len: int = 64
+    window_stride: int = 0  # tokens between window starts; 0: seq_len (every token predicted once)
     val_fraction: float = 0.05
     split: str = "document"  # "document": whole documents by hash; "tail": last fraction of the text
     num_shards: int = 4
@@ -50,6 +52,9 @@ class DataConfig:
             raise ConfigError(f"--val_fraction={self.val_fraction}: must be in [0, 1)")
         if self.seq_len < 2:
             raise ConfigError(f"--seq_len={self.seq_len}: must be at least 2")
+        if not 0 <= self.window_stride <= self.seq_len:
+            raise ConfigError(f"--window_stride={self.window_stride}: must be between 1 and --seq_len "
+                              f"({self.seq_len}), or 0 for --seq_len")
         if not 1 <= self.num_shards <= MAX_SHARDS:
             raise ConfigError(f"--num_shards={self.num_shards}: must be between 1 and {MAX_SHARDS}")
         if self.vocab_size < 8 and self.tokenizer not in ("char", "byte"):
@@ -178,11 +183,7 @@ class Config:
         )
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        atomic.write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str) -> "Config":

@@ -21,6 +21,7 @@ import keras
 import keras_hub
 import tensorflow as tf
 
+from tfllm import atomic
 from tfllm.config import ConfigError
 from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
 
@@ -83,13 +84,7 @@ def export(model: keras.Model, tokenizer: Tokenizer, context: int, out_dir: str,
                             signatures={"generate": module.generate, "score": module.score})
         model.save(os.path.join(tmp, "model.keras"))
         tokenizer.save(os.path.join(tmp, "tokenizer"))
-        if os.path.exists(out_dir):
-            old = f"{out_dir}.old-{os.getpid()}"
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
+        atomic.replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,6 +34,9 @@ def define_data_flags() -> None:
     flags.DEFINE_enum("tokenizer", _D.tokenizer, TOKENIZER_KINDS, "Tokenizer to train on the corpus.")
     flags.DEFINE_integer("vocab_size", _D.vocab_size, "Tokenizer vocabulary size (for char: an upper bound; 0 = all).")
     flags.DEFINE_integer("seq_len", _D.seq_len, "Tokens per training window (context length).")
+    flags.DEFINE_integer("window_stride", _D.window_stride,
+                         "Tokens between window starts (0: seq_len). Smaller strides overlap windows so that "
+                         "text is seen at several context offsets, like sampling random windows.")
     flags.DEFINE_float("val_fraction", _D.val_fraction, "Fraction of the corpus held out for validation.")
     flags.DEFINE_enum("split", _D.split, ["document", "tail"],
                       "document: hold out whole documents by seeded hash; tail: the last fraction of the text.")
@@ -112,7 +115,7 @@ def define_sampling_flags() -> None:
 def data_config_from_flags() -> DataConfig:
     return DataConfig(
         corpus=list(FLAGS.corpus), data_dir=FLAGS.data_dir, tokenizer=FLAGS.tokenizer, vocab_size=FLAGS.vocab_size,
-        seq_len=FLAGS.seq_len, val_fraction=FLAGS.val_fraction, split=FLAGS.split, num_shards=FLAGS.num_shards,
+        seq_len=FLAGS.seq_len, window_stride=FLAGS.window_stride, val_fraction=FLAGS.val_fraction, split=FLAGS.split, num_shards=FLAGS.num_shards,
         jsonl_field=FLAGS.jsonl_field, on_decode_error=FLAGS.on_decode_error, max_corpus_bytes=FLAGS.max_corpus_bytes,
         tokenizer_sample_bytes=FLAGS.tokenizer_sample_bytes, seed=FLAGS.data_seed, overwrite=FLAGS.overwrite)
 

@@ -16,7 +16,6 @@ import signal
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tfllm import distributed

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfllm
-from tfllm import tokenizers
+from tfllm import atomic, tokenizers
 from tfllm.config import ConfigError, DataConfig
 from tfllm.data.corpus import Corpus, CorpusError
 
@@ -30,7 +30,7 @@ MANIFEST = "manifest.json"
 FORMAT = "tfllm-windows-v1"
 SPLITS = ("train", "validation")
 # Fields of DataConfig that change the prepared bytes; others (overwrite, data_dir) do not.
-_CONTENT_FIELDS = ("corpus", "tokenizer", "vocab_size", "seq_len", "val_fraction", "split", "num_shards",
+_CONTENT_FIELDS = ("corpus", "tokenizer", "vocab_size", "seq_len", "window_stride", "val_fraction", "split", "num_shards",
                    "jsonl_field", "on_decode_error", "max_corpus_bytes", "tokenizer_sample_bytes", "seed")
 
 
@@ -76,22 +76,31 @@ class _ShardWriter:
 
 
 class _Packer:
-    """Concatenates documents (each followed by <eod>) and cuts windows of seq_len + 1."""
+    """Concatenates documents (each followed by <eod>) and cuts windows of seq_len + 1.
 
-    def __init__(self, seq_len: int, writer: _ShardWriter):
+    Windows start every `stride` tokens. With stride == seq_len they overlap by one token and
+    every token is a target exactly once; smaller strides repeat tokens at other offsets.
+    """
+
+    def __init__(self, seq_len: int, writer: _ShardWriter, stride: int = 0):
         self.seq_len = seq_len
+        self.stride = stride or seq_len
         self.writer = writer
         self.buffer = np.zeros(0, np.int32)
+        self.covered = 1  # leading buffer tokens already predicted (or, at the start, context only)
 
     def add(self, ids: np.ndarray) -> None:
         self.buffer = np.concatenate([self.buffer, ids.astype(np.int32), [tokenizers.EOD_ID]])
-        n = (len(self.buffer) - 1) // self.seq_len
+        window, stride = self.seq_len + 1, self.stride
+        n = 0 if len(self.buffer) < window else (len(self.buffer) - window) // stride + 1
         for w in range(n):
-            self.writer.write(self.buffer[w * self.seq_len: w * self.seq_len + self.seq_len + 1])
-        self.buffer = self.buffer[n * self.seq_len:]
+            self.writer.write(self.buffer[w * stride: w * stride + window])
+        if n:
+            self.buffer = self.buffer[n * stride:]
+            self.covered = window - stride
 
     def finish(self) -> None:
-        if len(self.buffer) >= 2:
+        if len(self.buffer) > self.covered:
             window = np.full(self.seq_len + 1, tokenizers.PAD_ID, np.int32)
             window[: len(self.buffer)] = self.buffer
             self.writer.write(window)
@@ -155,7 +164,6 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> dict:
         documents += 1
     if total_chars == 0:
         raise CorpusError(f"{', '.join(cfg.corpus)}: the corpus is empty (no text in {len(corpus.files)} file(s))")
-    read_files = list(corpus.files_read)
     log(f"corpus: {len(corpus.files_read)} file(s), {documents} document(s), {total_chars:,} characters")
     tokenizer = tokenizers.train_tokenizer(cfg.tokenizer, _sample(corpus, cfg.tokenizer_sample_bytes), cfg.vocab_size)
     log(f"tokenizer: {cfg.tokenizer}, vocabulary {tokenizer.vocab_size}")
@@ -168,7 +176,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> dict:
     try:
         tokenizer_files = tokenizer.save(os.path.join(tmp_dir, "tokenizer"))
         writers = [_ShardWriter(tmp_dir, split, cfg.num_shards, dtype) for split in SPLITS]
-        packers = [_Packer(cfg.seq_len, w) for w in writers]
+        packers = [_Packer(cfg.seq_len, w, cfg.window_stride) for w in writers]
 
         # Pass 2: tokenize in parallel inside tf.data (all cores), pack in order on the host.
         pieces = tf.data.Dataset.from_generator(
@@ -211,6 +219,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> dict:
             "record": f"raw {dtype.name} little-endian array of seq_len + 1 token ids",
             "dtype": "uint16" if dtype.itemsize == 2 else "int32",
             "seq_len": cfg.seq_len,
+            "window_stride": cfg.window_stride or cfg.seq_len,
             "vocab_size": tokenizer.vocab_size,
             "special_tokens": {"pad": tokenizers.PAD_ID, "eod": tokenizers.EOD_ID, "unk": tokenizers.UNK_ID},
             "tokenizer": {"kind": tokenizer.kind, "dir": "tokenizer", "files": tokenizer_files},
@@ -223,16 +232,8 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> dict:
             "seconds": round(elapsed, 3),
             "tokens_per_sec": round(tokens / max(elapsed, 1e-9), 1),
         }
-        with open(os.path.join(tmp_dir, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
-        if os.path.exists(out_dir):
-            old = f"{out_dir}.old-{os.getpid()}"
-            os.rename(out_dir, old)
-            os.rename(tmp_dir, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
-            os.rename(tmp_dir, out_dir)
+        atomic.write_json(os.path.join(tmp_dir, MANIFEST), manifest, sort_keys=False)
+        atomic.replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

@@ -1,0 +1,34 @@
+"""Atomic filesystem writes: readers see the old content or the new, never a partial one.
+
+Every output tfllm produces (prepared data, checkpoints, exports, config.json) is written
+beside its destination and renamed into place, so an interrupted run leaves earlier outputs
+intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+
+def write_json(path: str, obj, sort_keys: bool = True) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=sort_keys)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp_dir: str, final_dir: str) -> None:
+    """Moves a fully written `tmp_dir` to `final_dir`, replacing what was there."""
+    if os.path.exists(final_dir):
+        old = f"{final_dir}.old-{os.getpid()}"
+        os.rename(final_dir, old)
+        os.rename(tmp_dir, final_dir)
+        shutil.rmtree(old)
+    else:
+        os.makedirs(os.path.dirname(final_dir) or ".", exist_ok=True)
+        os.rename(tmp_dir, final_dir)
