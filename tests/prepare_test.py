@@ -169,3 +169,10 @@ def test_window_stride_overlaps_windows_and_still_covers_every_token(tmp_path, c
     tail = windows[-1][windows[-1] != tokenizers.PAD_ID]
     assert np.array_equal(tail[-3:], stream[-3:])  # the last tokens are in the final (padded) window
     assert 3.5 < len(windows) / len(plain) < 4.5
+
+
+def test_window_stride_leaves_validation_one_prediction_per_token(tmp_path, corpus_dir):
+    a = prep.prepare(config(corpus_dir), str(tmp_path / "a"), log=lambda *a: None)
+    b = prep.prepare(config(corpus_dir, window_stride=4), str(tmp_path / "b"), log=lambda *a: None)
+    assert b["splits"]["validation"] == a["splits"]["validation"]
+    assert b["splits"]["train"]["tokens"] > 3 * a["splits"]["train"]["tokens"]

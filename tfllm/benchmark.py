@@ -119,6 +119,46 @@ def time_allreduce(grad_shapes: list[tuple[int, ...]], steps: int, warmup: int, 
     return Timing.of(times)
 
 
+def time_generation(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
+    """Seconds to generate `new_tokens` greedily: keras-hub's key/value-cached loop versus
+    recomputing the whole sequence for every new token (what generation costs without a cache)."""
+    from tfllm.generate import SamplingConfig, generate_ids
+
+    total = prompt_len + new_tokens
+    model = build(dataclasses.replace(cfg, max_sequence_length=max(cfg.max_sequence_length, total)), total)
+    prompts = synthetic_windows(1, batch, prompt_len - 1, cfg.vocab_size)[0].tolist()
+    sampling = SamplingConfig(max_new_tokens=new_tokens, stop_at_eod=False)
+
+    @tf.function(jit_compile=True)
+    def next_token(ids, length):  # full forward pass over the padded sequence, pick position length-1
+        logits = model({"token_ids": ids, "padding_mask": tf.ones_like(ids, tf.bool)})
+        return tf.argmax(logits[:, length - 1], axis=-1, output_type=tf.int32)
+
+    def uncached():
+        ids = np.zeros((batch, total), np.int32)
+        ids[:, :prompt_len] = prompts
+        ids = tf.constant(ids)
+        for pos in range(prompt_len, total):
+            tok = next_token(ids, tf.constant(pos))
+            ids = tf.tensor_scatter_nd_update(ids, tf.stack([tf.range(batch), tf.fill([batch], pos)], 1), tok)
+        return ids.numpy()
+
+    def cached():
+        return generate_ids(model, prompts, sampling)
+
+    out = {}
+    for name, fn in (("cached", cached), ("uncached", uncached)):
+        fn()  # trace and compile
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[f"{name}_s"] = float(np.median(times))
+    out["speedup"] = out["uncached_s"] / out["cached_s"]
+    return out
+
+
 def peak_memory_bytes() -> int:
     """Peak device memory on GPU, else the process's peak resident set size."""
     if tf.config.list_physical_devices("GPU"):

@@ -30,7 +30,7 @@ class DataConfig:
     tokenizer: str = "char"
     vocab_size: int = 512
     seq_len: int = 64
-    window_stride: int = 0  # tokens between window starts; 0: seq_len (every token predicted once)
+    window_stride: int = 0  # training split: tokens between window starts; 0: seq_len (each token once)
     val_fraction: float = 0.05
     split: str = "document"  # "document": whole documents by hash; "tail": last fraction of the text
     num_shards: int = 4

@@ -35,8 +35,9 @@ def define_data_flags() -> None:
     flags.DEFINE_integer("vocab_size", _D.vocab_size, "Tokenizer vocabulary size (for char: an upper bound; 0 = all).")
     flags.DEFINE_integer("seq_len", _D.seq_len, "Tokens per training window (context length).")
     flags.DEFINE_integer("window_stride", _D.window_stride,
-                         "Tokens between window starts (0: seq_len). Smaller strides overlap windows so that "
-                         "text is seen at several context offsets, like sampling random windows.")
+                         "Training split: tokens between window starts (0: seq_len). Smaller strides overlap "
+                         "windows so text is seen at several context offsets, like sampling random windows. "
+                         "Validation always predicts each token once.")
     flags.DEFINE_float("val_fraction", _D.val_fraction, "Fraction of the corpus held out for validation.")
     flags.DEFINE_enum("split", _D.split, ["document", "tail"],
                       "document: hold out whole documents by seeded hash; tail: the last fraction of the text.")

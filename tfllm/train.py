@@ -192,9 +192,11 @@ def pretrain(cfg: Config, log=print) -> dict:
     def sample(step: int) -> str | None:
         if not world.is_chief or not tcfg.sample_prompt:
             return None
-        text = generate_text(model, tokenizer, [tcfg.sample_prompt],
-                             SamplingConfig("greedy", max_new_tokens=min(tcfg.sample_tokens,
-                                            cfg.model.max_sequence_length - len(tokenizer.encode(tcfg.sample_prompt)))))[0]
+        budget = min(tcfg.sample_tokens, cfg.model.max_sequence_length - len(tokenizer.encode(tcfg.sample_prompt)))
+        if budget < 1:
+            say(f"warning: --sample_prompt fills the {cfg.model.max_sequence_length}-token context; no sample")
+            return None
+        text = generate_text(model, tokenizer, [tcfg.sample_prompt], SamplingConfig("greedy", max_new_tokens=budget))[0]
         writer.text("train", step, "sample", tcfg.sample_prompt + text)
         return tcfg.sample_prompt + text
 

@@ -176,7 +176,8 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> dict:
     try:
         tokenizer_files = tokenizer.save(os.path.join(tmp_dir, "tokenizer"))
         writers = [_ShardWriter(tmp_dir, split, cfg.num_shards, dtype) for split in SPLITS]
-        packers = [_Packer(cfg.seq_len, w, cfg.window_stride) for w in writers]
+        # Validation always predicts every token exactly once, whatever the training stride.
+        packers = [_Packer(cfg.seq_len, writers[0], cfg.window_stride), _Packer(cfg.seq_len, writers[1])]
 
         # Pass 2: tokenize in parallel inside tf.data (all cores), pack in order on the host.
         pieces = tf.data.Dataset.from_generator(
