@@ -121,3 +121,16 @@ def test_too_little_data_for_one_global_batch(four_shards):
 def test_missing_manifest(tmp_path):
     with pytest.raises(DataError, match="no manifest"):
         WindowDataset(str(tmp_path))
+
+
+def test_default_shuffle_buffer_spans_the_whole_split(four_shards):
+    ds = WindowDataset(four_shards)
+    order = {w: i for i, w in enumerate(all_windows(ds))}  # position in corpus order (last one wins)
+
+    def spread(buffer):
+        first = [r for b in itertools.islice(ds.epoch(0, 0, 1, 16, 0, shuffle_buffer=buffer), 2) for r in rows(b)]
+        positions = [order[r] for r in first]
+        return (max(positions) - min(positions)) / ds.num_windows
+
+    assert spread(0) > 0.5  # the automatic buffer draws the first batches from the whole split
+    assert spread(8) < 0.2  # a small buffer keeps them in one stretch of text

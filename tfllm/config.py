@@ -136,7 +136,7 @@ class TrainConfig:
     sample_prompt: str = "def "
     sample_tokens: int = 64
     verify_data: bool = False
-    shuffle_buffer: int = 10_000
+    shuffle_buffer: int = 0  # 0: all of this rank's windows, up to SHUFFLE_BUFFER_BYTES
     stop_after: int = 0  # stop this invocation after so many steps (checkpoint saved); 0: run to train_steps
 
     def validate(self) -> None:

@@ -84,7 +84,8 @@ def define_train_flags() -> None:
     flags.DEFINE_string("sample_prompt", _T.sample_prompt, "Prompt of the periodic samples.")
     flags.DEFINE_integer("sample_tokens", _T.sample_tokens, "Tokens per sample.")
     flags.DEFINE_bool("verify_data", _T.verify_data, "Check every shard's sha256 against the manifest at start.")
-    flags.DEFINE_integer("shuffle_buffer", _T.shuffle_buffer, "Windows in the shuffle buffer.")
+    flags.DEFINE_integer("shuffle_buffer", _T.shuffle_buffer,
+                         "Windows in the shuffle buffer (0: all of this rank's windows, up to 256 MiB).")
     flags.DEFINE_integer("stop_after", _T.stop_after, "Stop this run after so many steps, with a checkpoint; "
                          "rerun to continue (for time-sliced queues). 0: run to --train_steps.")
     flags.DEFINE_float("learning_rate", _O.learning_rate, "Peak learning rate.")

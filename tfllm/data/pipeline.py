@@ -23,6 +23,9 @@ from tfllm.data.corpus import CorpusError
 from tfllm.data.prepare import read_manifest
 
 
+SHUFFLE_BUFFER_BYTES = 256 << 20
+
+
 class DataError(RuntimeError):
     """Corrupt, truncated or mismatched prepared data; the message names the file."""
 
@@ -106,7 +109,7 @@ class WindowDataset:
         return tf.reshape(tf.cast(window, tf.int32), [self.seq_len + 1])
 
     def epoch(self, epoch: int, rank: int = 0, size: int = 1, batch_size: int = 8, seed: int = 0,
-              skip_batches: int = 0, shuffle: bool = True, shuffle_buffer: int = 10_000,
+              skip_batches: int = 0, shuffle: bool = True, shuffle_buffer: int = 0,
               drop_remainder: bool = True) -> tf.data.Dataset:
         """Batches of [batch_size, seq_len + 1] int32 windows for this rank in this epoch."""
         plan = self.plan(epoch, rank, size, batch_size, seed)
@@ -116,6 +119,14 @@ class WindowDataset:
         if plan.element_level:
             ds = ds.shard(size, rank)
         ds = ds.map(self._decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if shuffle_buffer <= 0:
+            # A buffer holding the rank's whole share makes the epoch a uniform permutation; the
+            # windows are stored in corpus order, so a small buffer would fill each batch from
+            # one stretch of text.
+            windows = dict(zip(self.paths, (s["windows"] for s in self.shards)))
+            mine = sum(windows[f] for f in plan.files)
+            mine = -(-mine // size) if plan.element_level else mine
+            shuffle_buffer = min(mine, SHUFFLE_BUFFER_BYTES // (4 * (self.seq_len + 1)))
         if shuffle and shuffle_buffer > 1:
             ds = ds.shuffle(shuffle_buffer, seed=_seed(seed, epoch, rank, "windows"), reshuffle_each_iteration=False)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -138,7 +149,7 @@ class WindowDataset:
             remaining -= steps
             epoch += 1
 
-    def stream(self, start_step: int, rank: int, size: int, batch_size: int, seed: int, shuffle_buffer: int = 10_000):
+    def stream(self, start_step: int, rank: int, size: int, batch_size: int, seed: int, shuffle_buffer: int = 0):
         """Yields (epoch, batch) forever, starting exactly after `start_step` batches."""
         epoch, skip = self.position(start_step, size, batch_size, seed)
         while True:

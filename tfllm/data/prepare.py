@@ -262,12 +262,14 @@ def ensure_prepared(cfg: DataConfig, log=print) -> dict:
     """Prepares cfg.data_dir on first use; reuses it when it was made from the same settings."""
     if os.path.exists(os.path.join(cfg.data_dir, MANIFEST)):
         manifest = read_manifest(cfg.data_dir)
-        if manifest["config"] != content_key(cfg) and not cfg.overwrite:
-            diffs = [k for k in _CONTENT_FIELDS if manifest["config"].get(k) != getattr(cfg, k)]
+        # Settings added after a dataset was prepared count as their defaults.
+        saved = {**content_key(DataConfig()), **manifest["config"]}
+        if saved == content_key(cfg):
+            return manifest
+        if not cfg.overwrite:
+            diffs = [k for k in _CONTENT_FIELDS if saved.get(k) != getattr(cfg, k)]
             raise ConfigError(f"{cfg.data_dir} was prepared with other settings ({', '.join(diffs)}); "
                               "pass --overwrite to prepare it again or choose another --data_dir")
-        if manifest["config"] == content_key(cfg):
-            return manifest
     return prepare(cfg, cfg.data_dir, log=log)
 
 
