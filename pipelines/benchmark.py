@@ -16,7 +16,7 @@ import json
 
 from absl import flags
 
-from tfllm import benchmark, cli, distributed
+from tfllm import atomic, benchmark, cli, distributed
 from tfllm.config import PRECISIONS
 from tfllm.flags import define_data_flags, define_model_flags, model_config_from_flags
 
@@ -60,7 +60,7 @@ def main(argv):
         result.update(keras_fit_step_ms=1000 * fit.median_s, overhead_ratio=step.median_s / fit.median_s)
         rows.append(("keras model.fit", fit))
     else:
-        shapes = [tuple(v.shape) for v in benchmark.build(cfg, FLAGS.seq_len).trainable_variables]
+        shapes = [tuple(v.shape) for v in benchmark.build(cfg).trainable_variables]
         ar = benchmark.time_allreduce(shapes, FLAGS.bench_steps, FLAGS.bench_warmup)
         result.update(allreduce_ms=1000 * ar.median_s, allreduce_share=ar.median_s / step.median_s)
         rows.append(("grouped allreduce", ar))
@@ -74,8 +74,7 @@ def main(argv):
         print(f"{key}={result[key]:.4f}")
         print(json.dumps(result), flush=True)
         if FLAGS.output_json:
-            with open(FLAGS.output_json, "w") as f:
-                json.dump(result, f, indent=2)
+            atomic.write_json(FLAGS.output_json, result, sort_keys=False)
 
 
 if __name__ == "__main__":

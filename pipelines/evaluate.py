@@ -11,12 +11,11 @@ Results: stdout (`loss=`, `perplexity=`, `tokens=`), a JSON file (--output_json,
 <model_dir>/eval/<split>-step<N>.json) and TensorBoard scalars in <model_dir>/tb/eval/<split>.
 """
 
-import json
 import os
 
 from absl import flags
 
-from tfllm import cli, distributed
+from tfllm import atomic, cli, distributed
 from tfllm.config import ConfigError
 from tfllm.data.pipeline import WindowDataset
 from tfllm.evaluate import TextWindows, evaluate
@@ -55,8 +54,7 @@ def main(argv):
                   world_size=world.size)
     if world.is_chief:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic.write_json(out, result, sort_keys=False)
         writer = SummaryWriter(os.path.join(FLAGS.model_dir, "tb", "eval"), enabled=True)
         writer.scalars(name, trained.step, {"loss": result["loss"], "perplexity": result["perplexity"]})
         writer.close()

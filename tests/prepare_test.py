@@ -124,7 +124,7 @@ def test_interrupted_run_leaves_previous_output_and_no_debris(tmp_path, corpus_d
         calls.append(1)
         if len(calls) > 5:
             raise KeyboardInterrupt
-    monkeypatch.setattr(prep._Packer, "add", boom)
+    monkeypatch.setattr(prep.Packer, "add", boom)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare(config(corpus_dir, overwrite=True), str(out), log=lambda *a: None)
     assert sorted(os.listdir(out)) == before

@@ -49,17 +49,15 @@ def _optimizer(lr: float = 1e-3):
     return keras.optimizers.AdamW(learning_rate=lr, weight_decay=0.1, beta_2=0.99)
 
 
-def build(cfg: ModelConfig, seq_len: int, precision: str = "float32"):
+def build(cfg: ModelConfig, precision: str = "float32"):
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(0)
-    model = build_causal_lm(cfg)
-    model(split_window(tf.zeros([1, seq_len + 1], tf.int32))[0])
-    return model
+    return build_causal_lm(cfg)
 
 
 def time_tfllm_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int, jit_compile: bool,
                     precision: str = "float32", fp16_allreduce: bool = False, clip_norm: float = 0.0) -> tuple[Timing, dict]:
-    model = build(cfg, seq_len, precision)
+    model = build(cfg, precision)
     optimizer = _optimizer()
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -74,7 +72,8 @@ def time_tfllm_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warm
         float(metrics["loss"])  # wait for the step to finish
         if i >= warmup:
             times.append(time.perf_counter() - t)
-    info = {"params": count_params(model), "flops_per_token": flops_per_token(cfg, seq_len, count_params(model)),
+    params = count_params(model)
+    info = {"params": params, "flops_per_token": flops_per_token(cfg, seq_len, params),
             "grad_bytes": int(sum(int(np.prod(v.shape)) * 4 for v in model.trainable_variables))}
     return Timing.of(times), info
 
@@ -94,7 +93,7 @@ class _StepTimer(keras.callbacks.Callback):
 
 def time_keras_fit(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int, jit_compile: bool,
                    precision: str = "float32") -> Timing:
-    model = build(cfg, seq_len, precision)
+    model = build(cfg, precision)
     model.compile(optimizer=_optimizer(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=jit_compile)
     windows = synthetic_windows(warmup + steps, batch, seq_len, cfg.vocab_size).reshape(-1, seq_len + 1)
@@ -125,7 +124,7 @@ def time_generation(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: i
     from tfllm.generate import SamplingConfig, generate_ids
 
     total = prompt_len + new_tokens
-    model = build(dataclasses.replace(cfg, max_sequence_length=max(cfg.max_sequence_length, total)), total)
+    model = build(dataclasses.replace(cfg, max_sequence_length=max(cfg.max_sequence_length, total)))
     prompts = synthetic_windows(1, batch, prompt_len - 1, cfg.vocab_size)[0].tolist()
     sampling = SamplingConfig(max_new_tokens=new_tokens, stop_at_eod=False)
 

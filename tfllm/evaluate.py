@@ -11,8 +11,15 @@ import numpy as np
 import tensorflow as tf
 
 from tfllm import distributed
+from tfllm.data.corpus import Corpus
 from tfllm.data.pipeline import DataError, WindowDataset
+from tfllm.data.prepare import Packer
 from tfllm.models import lm_loss_sums, perplexity
+
+
+class _ListWriter:
+    def __init__(self, windows: list):
+        self.write = lambda window: windows.append(np.array(window, np.int32))
 
 
 class TextWindows:
@@ -23,20 +30,14 @@ class TextWindows:
     """
 
     def __init__(self, path: str, tokenizer, seq_len: int):
-        from tfllm.data.corpus import Corpus
-        from tfllm.tokenizers import EOD_ID, PAD_ID
-
-        ids = []
+        collected = []
+        packer = Packer(seq_len, _ListWriter(collected))
         for doc in Corpus([path]):
-            ids.extend(tokenizer.encode(doc.text) + [EOD_ID])
-        if len(ids) < 2:
+            packer.add(np.asarray(tokenizer.encode(doc.text), np.int32))
+        packer.finish()
+        if not collected:
             raise DataError(f"{path}: no text to evaluate")
-        n = max(1, -(-(len(ids) - 1) // seq_len))
-        windows = np.full((n, seq_len + 1), PAD_ID, np.int32)
-        for i in range(n):
-            chunk = ids[i * seq_len: i * seq_len + seq_len + 1]
-            windows[i, : len(chunk)] = chunk
-        self.windows, self.data_dir, self.split, self.seq_len = windows, path, "text", seq_len
+        self.windows, self.data_dir, self.split, self.seq_len = np.stack(collected), path, "text", seq_len
 
     def epoch(self, epoch, rank=0, size=1, batch_size=8, seed=0, shuffle=False, drop_remainder=False, **_):
         ds = tf.data.Dataset.from_tensor_slices(self.windows).shard(size, rank)

@@ -18,6 +18,13 @@ from tfllm.tokenizers import PAD_ID
 
 
 def build_causal_lm(cfg: ModelConfig) -> keras_hub.models.CausalLM:
+    """The causal LM with its variables created (a call on a dummy batch), ready to restore or train."""
+    model = _causal_lm(cfg)
+    model(split_window(tf.zeros([1, 2], tf.int32))[0])
+    return model
+
+
+def _causal_lm(cfg: ModelConfig) -> keras_hub.models.CausalLM:
     if cfg.vocab_size < 4:
         raise ConfigError(f"model vocab_size={cfg.vocab_size}: take it from the prepared data's manifest")
     if cfg.family == "gpt2":

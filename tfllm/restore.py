@@ -6,11 +6,10 @@ import dataclasses
 import os
 
 import keras
-import tensorflow as tf
 
 from tfllm.checkpoint import CheckpointError, CheckpointManager
 from tfllm.config import Config, ConfigError
-from tfllm.models import build_causal_lm, split_window
+from tfllm.models import build_causal_lm
 from tfllm.tokenizers import Tokenizer, load_tokenizer
 
 CONFIG_FILE = "config.json"
@@ -44,6 +43,5 @@ def load_trained_model(model_dir: str, checkpoint: str | None = "latest") -> Tra
     # Inference runs in float32 whatever the training policy was; the variables are float32 anyway.
     keras.mixed_precision.set_global_policy("float32")
     model = build_causal_lm(cfg.model)
-    model(split_window(tf.zeros([1, 2], tf.int32))[0])
     state = manager.restore(path, model.variables, model_only=True)
     return TrainedModel(model, tokenizer, cfg, path, int(state.get("step", 0)))

@@ -18,7 +18,7 @@ import time
 import keras
 import tensorflow as tf
 
-from tfllm import distributed
+from tfllm import atomic, distributed
 from tfllm.checkpoint import CheckpointError, CheckpointManager
 from tfllm.config import Config, ConfigError, OptimizerConfig, model_mismatch
 from tfllm.data.corpus import CorpusError
@@ -26,7 +26,7 @@ from tfllm.data.pipeline import DataError, WindowDataset
 from tfllm.data.prepare import ensure_prepared
 from tfllm.evaluate import evaluate, make_eval_fn
 from tfllm.generate import SamplingConfig, generate_text
-from tfllm.models import build_causal_lm, count_params, flops_per_token, perplexity, split_window
+from tfllm.models import build_causal_lm, count_params, flops_per_token, perplexity
 from tfllm.restore import CONFIG_FILE, TOKENIZER_DIR
 from tfllm.step import TrainStep, sync_state
 from tfllm.summary import SummaryWriter, device_peak_flops
@@ -136,7 +136,6 @@ def pretrain(cfg: Config, log=print) -> dict:
     keras.mixed_precision.set_global_policy(tcfg.precision)
     keras.utils.set_random_seed(tcfg.seed)
     model = build_causal_lm(cfg.model)
-    model(split_window(tf.zeros([1, seq_len + 1], tf.int32))[0])
     optimizer = make_optimizer(cfg.optimizer, tcfg.train_steps, world.size, model, tcfg.precision)
     step_fn = TrainStep(model, optimizer, tcfg.batch_size, seq_len, tcfg.grad_accum_steps, cfg.optimizer.clip_norm,
                         tcfg.jit_compile, tcfg.fp16_allreduce)
@@ -151,8 +150,9 @@ def pretrain(cfg: Config, log=print) -> dict:
         # The model dir carries its own tokenizer so that it stays usable without the data dir.
         tok_dir = os.path.join(tcfg.model_dir, TOKENIZER_DIR)
         if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-            shutil.copytree(os.path.join(cfg.data.data_dir, "tokenizer"), tok_dir + ".tmp", dirs_exist_ok=True)
-            os.replace(tok_dir + ".tmp", tok_dir)
+            tmp = f"{tok_dir}.tmp-{os.getpid()}"
+            shutil.copytree(os.path.join(cfg.data.data_dir, "tokenizer"), tmp, dirs_exist_ok=True)
+            atomic.replace_dir(tmp, tok_dir)
         latest = ckpts.latest()
         return ckpts.restore(latest, state_vars) if latest else {}
 

@@ -75,7 +75,7 @@ class _ShardWriter:
         return shards
 
 
-class _Packer:
+class Packer:
     """Concatenates documents (each followed by <eod>) and cuts windows of seq_len + 1.
 
     Windows start every `stride` tokens. With stride == seq_len they overlap by one token and
@@ -177,7 +177,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> dict:
         tokenizer_files = tokenizer.save(os.path.join(tmp_dir, "tokenizer"))
         writers = [_ShardWriter(tmp_dir, split, cfg.num_shards, dtype) for split in SPLITS]
         # Validation always predicts every token exactly once, whatever the training stride.
-        packers = [_Packer(cfg.seq_len, writers[0], cfg.window_stride), _Packer(cfg.seq_len, writers[1])]
+        packers = [Packer(cfg.seq_len, writers[0], cfg.window_stride), Packer(cfg.seq_len, writers[1])]
 
         # Pass 2: tokenize in parallel inside tf.data (all cores), pack in order on the host.
         pieces = tf.data.Dataset.from_generator(
