@@ -27,17 +27,28 @@ demo: install
 	@echo "TensorBoard logs: $(RUN_DIR)/model/tb   (view with: $(VENV)/bin/tensorboard --logdir $(RUN_DIR)/model/tb)"
 
 test: install
+	@bash .ci/test-tools.sh
 	$(PY) -m pytest -q tests
 
 test-fast: install
+	@bash .ci/test-tools.sh
 	$(PY) -m pytest -q tests -m "not slow"
 
 # Compile-only proof of the GPU recipe the Dockerfile uses (needs nvcc; no GPU needed).
 gpu-build-check: install
 	bash .ci/install.sh --gpu-wheel $(CURDIR)/build/gpu-wheel
 
+# The figures of the README's Performance section (about 4 minutes on 2 cores).
+BENCH_FLAGS ?= --flagfile=flags/shakespeare_char.cfg
 bench: install
-	$(PY) -m pipelines.benchmark --flagfile=flags/tiny.cfg
+	mkdir -p .bench
+	$(PY) -m pipelines.benchmark $(BENCH_FLAGS) --mode=step --bench_steps=100 --output_json=.bench/step1.json --tb_dir=.bench/tb
+	horovodrun -np $(NP) -H localhost:$(NP) --gloo $(PY) -m pipelines.benchmark $(BENCH_FLAGS) --mode=step --bench_steps=100 \
+	  --baseline_json=.bench/step1.json --output_json=.bench/step$(NP).json --tb_dir=.bench/tb
+	$(PY) -m pipelines.benchmark $(BENCH_FLAGS) --mode=overhead --bench_steps=100 --output_json=.bench/overhead.json
+	$(PY) -m pipelines.benchmark $(BENCH_FLAGS) --mode=variants --bench_steps=40 --output_json=.bench/variants.json
+	$(PY) -m pipelines.benchmark --flagfile=flags/gpt2_124m.cfg --bench_vocab=50304 --mode=costmodel \
+	  --calibration_json=.bench/step$(NP).json --plot=.bench/scaling.png --output_json=.bench/costmodel.json
 
 clean:
 	rm -rf runs build .pytest_cache

@@ -99,11 +99,13 @@ import configparser, sys
 cfg = configparser.ConfigParser()
 cfg.read(sys.argv[1])
 reqs = [r.strip() for r in cfg["options"]["install_requires"].splitlines() if r.strip()]
-for extra in ("test", "k8s"):
+for extra in ("test", "k8s", "bench"):
     reqs += [r.strip() for r in cfg["options.extras_require"][extra].splitlines() if r.strip()]
 print("\n".join(r for r in reqs if not r.lower().startswith("horovod")))
 EOF
 )
+# On GPU machines TensorFlow brings its own CUDA 12 libraries (cuDNN, cuBLAS, NCCL...).
+if [ "$MODE" = gpu ]; then REQUIREMENTS=("${REQUIREMENTS[@]/#tensorflow==/tensorflow[and-cuda]==}"); fi
 say "installing Python dependencies"
 pip_quiet "${PIP[@]}" install --upgrade pip setuptools wheel packaging || die "pip could not upgrade pip/setuptools/wheel"
 # Horovod's own runtime needs, installed up front because its build runs without isolation.

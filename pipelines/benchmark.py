@@ -1,14 +1,22 @@
-"""Benchmarks that print figures: tfllm's step vs keras `fit`, and the allreduce share.
+"""Benchmarks that print figures (markdown table + one JSON line), write JSON and TensorBoard.
 
-Single process (overhead of tfllm's step over a plain keras-hub `model.fit`, same model/data):
-    python -m pipelines.benchmark --mode=overhead --num_layers=4 --num_heads=4 --hidden_dim=128 \
-        --bench_batch=12 --seq_len=64 --bench_vocab=68
-Two ranks on one machine (step time and the share spent in the gradient allreduce):
-    horovodrun -np 2 -H localhost:2 --gloo python -m pipelines.benchmark --mode=allreduce --num_layers=4 \
-        --num_heads=4 --hidden_dim=128 --bench_batch=12 --seq_len=64 --bench_vocab=68
-    mpirun -np 2 python -m pipelines.benchmark --mode=allreduce ...
-On GPUs add --precision=mixed_bfloat16 and a GPU-sized model (e.g. --flagfile=flags/gpt2_124m.cfg).
-Rank 0 prints a markdown table and one JSON line (also written to --output_json when given).
+The model, batch (--batch_size per rank), --seq_len, --precision, --jit_compile and --fp16_allreduce
+come from the usual flags, so any pretraining flagfile drives it.
+Modes (synthetic windows, warm-up steps excluded; see tfllm/benchmark.py and tfllm/costmodel.py):
+  step       step time, tokens/s, model FLOP/s and MFU, peak memory, allreduce share
+  overhead   tfllm's step vs a plain keras-hub `model.fit` of the same model (single process)
+  variants   float32 / mixed_bfloat16 x XLA on/off (single process)
+  generate   key/value-cached generation vs a full forward pass per token
+  costmodel  calibrates the ring-allreduce model on an N-rank `step` JSON, predicts 8..512 GPUs, plots a PNG
+
+Single process, then 2 ranks (scaling efficiency against the 1-rank JSON), then the cost model:
+    python -m pipelines.benchmark --flagfile=flags/shakespeare_char.cfg --mode=step --output_json=.bench/step1.json
+    horovodrun -np 2 -H localhost:2 --gloo python -m pipelines.benchmark --flagfile=flags/shakespeare_char.cfg \
+        --mode=step --baseline_json=.bench/step1.json --output_json=.bench/step2.json
+    mpirun -np 2 python -m pipelines.benchmark --flagfile=flags/shakespeare_char.cfg --mode=step ...
+    python -m pipelines.benchmark --flagfile=flags/shakespeare_char.cfg --mode=costmodel \
+        --calibration_json=.bench/step2.json --plot=.bench/scaling.png
+On GPUs: --flagfile=flags/gpt2_124m.cfg --bench_vocab=50304 (bf16 + XLA come from that flagfile).
 """
 
 import dataclasses
@@ -16,65 +24,105 @@ import json
 
 from absl import flags
 
-from tfllm import atomic, benchmark, cli, distributed
-from tfllm.config import PRECISIONS
-from tfllm.flags import define_data_flags, define_model_flags, model_config_from_flags
+from tfllm import atomic, benchmark, cli, costmodel, distributed
+from tfllm.config import ConfigError
+from tfllm.flags import define_data_flags, define_model_flags, define_train_flags, model_config_from_flags
+from tfllm.models import count_params, flops_per_token
+from tfllm.summary import SummaryWriter
 
 define_data_flags()
 define_model_flags()
-flags.DEFINE_enum("mode", "overhead", ["overhead", "allreduce", "generate"], "What to measure.")
-flags.DEFINE_integer("gen_prompt_len", 16, "generate mode: prompt tokens.")
-flags.DEFINE_integer("gen_new_tokens", 256, "generate mode: tokens to generate.")
-flags.DEFINE_integer("bench_batch", 12, "Windows per rank per step.")
+define_train_flags()  # so that pretraining flagfiles drive the benchmark as they are
+flags.DEFINE_enum("mode", "step", ["step", "overhead", "variants", "generate", "costmodel"], "What to measure.")
 flags.DEFINE_integer("bench_vocab", 68, "Vocabulary size of the synthetic data.")
 flags.DEFINE_integer("bench_steps", 60, "Measured steps.")
 flags.DEFINE_integer("bench_warmup", 10, "Unmeasured warm-up steps (tracing, XLA compilation).")
-flags.DEFINE_enum("bench_precision", "float32", PRECISIONS, "Dtype policy.")
-flags.DEFINE_bool("bench_jit", True, "XLA-compile both sides.")
+flags.DEFINE_list("variant_precisions", ["float32", "mixed_bfloat16"], "variants mode: precisions to try.")
+flags.DEFINE_integer("gen_prompt_len", 16, "generate mode: prompt tokens.")
+flags.DEFINE_integer("gen_new_tokens", 256, "generate mode: tokens to generate.")
+flags.DEFINE_string("baseline_json", "", "step mode: a 1-rank step JSON; adds the scaling efficiency.")
+flags.DEFINE_string("calibration_json", "", "costmodel mode: an N-rank (N >= 2) step JSON.")
+flags.DEFINE_string("plot", "", "costmodel mode: write the efficiency curves here (PNG).")
+flags.DEFINE_float("gpu_peak_tflops", 989.0, "costmodel: dense bf16 peak per GPU (H100 SXM).")
+flags.DEFINE_float("gpu_mfu", 0.4, "costmodel: assumed MFU of the per-GPU compute.")
+flags.DEFINE_integer("gpu_tokens_per_step", 16 * 1024, "costmodel: tokens per GPU per step.")
+flags.DEFINE_float("intra_node_gbps", 300.0, "costmodel: allreduce bus bandwidth inside a node, GB/s (NVLink).")
+flags.DEFINE_float("inter_node_gbps", 40.0, "costmodel: per-GPU network bandwidth, GB/s (400 Gb/s NIC per GPU).")
+flags.DEFINE_float("intra_node_latency_us", 5.0, "costmodel: ring step latency inside a node.")
+flags.DEFINE_float("inter_node_latency_us", 10.0, "costmodel: ring step latency across nodes.")
+flags.DEFINE_integer("gpus_per_node", 8, "costmodel: GPUs per node.")
 flags.DEFINE_string("output_json", "", "Also write the JSON result here.")
+flags.DEFINE_string("tb_dir", "", "Also log the numeric results to TensorBoard here (split benchmark/<mode>).")
 FLAGS = flags.FLAGS
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--{what}={path}: cannot read a benchmark JSON ({e})") from None
+
+
+def _costmodel(cfg) -> tuple[dict, list]:
+    model = benchmark.build(cfg)
+    params = count_params(model)
+    scenario = costmodel.GpuScenario(
+        params, flops_per_token(cfg, FLAGS.seq_len, params), FLAGS.gpu_tokens_per_step,
+        FLAGS.gpu_peak_tflops * 1e12, FLAGS.gpu_mfu, 2 if FLAGS.fp16_allreduce else 4, costmodel.Cluster(
+            costmodel.Link(FLAGS.intra_node_gbps * 1e9, FLAGS.intra_node_latency_us * 1e-6),
+            costmodel.Link(FLAGS.inter_node_gbps * 1e9, FLAGS.inter_node_latency_us * 1e-6), FLAGS.gpus_per_node))
+    return costmodel.report(_read_json(FLAGS.calibration_json, "calibration_json"), scenario, FLAGS.plot)
 
 
 def main(argv):
     world = distributed.init()
     cfg = dataclasses.replace(model_config_from_flags(), vocab_size=FLAGS.bench_vocab)
-    if FLAGS.mode == "generate":
-        if world.is_chief:
-            r = benchmark.time_generation(cfg, FLAGS.bench_batch, FLAGS.gen_prompt_len, FLAGS.gen_new_tokens)
-            print(f"| generate {FLAGS.gen_new_tokens} tokens, batch {FLAGS.bench_batch} | seconds |\n|---|---|\n"
-                  f"| key/value cache (keras-hub) | {r['cached_s']:.3f} |\n| full forward pass per token | "
-                  f"{r['uncached_s']:.3f} |\nspeedup={r['speedup']:.2f}")
-            print(json.dumps({"mode": "generate", "model": dataclasses.asdict(cfg), **r}), flush=True)
-        return
-    common = dict(batch=FLAGS.bench_batch, seq_len=FLAGS.seq_len, steps=FLAGS.bench_steps, warmup=FLAGS.bench_warmup,
-                  jit_compile=FLAGS.bench_jit, precision=FLAGS.bench_precision)
-    step, info = benchmark.time_tfllm_step(cfg, **common)
-    tokens = FLAGS.bench_batch * FLAGS.seq_len
-    result = {"mode": FLAGS.mode, "world_size": world.size, "model": dataclasses.asdict(cfg), **info, **common,
-              "tfllm_step_ms": 1000 * step.median_s, "tfllm_step_p10_ms": 1000 * step.p10_s,
-              "tfllm_step_p90_ms": 1000 * step.p90_s,
-              "tokens_per_sec_per_rank": tokens / step.median_s, "tokens_per_sec_global": world.size * tokens / step.median_s}
-    rows = [("tfllm step", step)]
-    if FLAGS.mode == "overhead":
-        fit = benchmark.time_keras_fit(cfg, **common)
-        result.update(keras_fit_step_ms=1000 * fit.median_s, overhead_ratio=step.median_s / fit.median_s)
-        rows.append(("keras model.fit", fit))
+    common = dict(batch=FLAGS.batch_size, seq_len=FLAGS.seq_len, steps=FLAGS.bench_steps, warmup=FLAGS.bench_warmup)
+    if FLAGS.mode in ("overhead", "variants", "generate", "costmodel") and world.size > 1:
+        raise ConfigError(f"--mode={FLAGS.mode} runs in a single process; use --mode=step under horovodrun/mpirun")
+    if FLAGS.mode == "step":
+        result = benchmark.measure_step(cfg, **common, jit_compile=FLAGS.jit_compile, precision=FLAGS.precision,
+                                        fp16_allreduce=FLAGS.fp16_allreduce)
+        if FLAGS.baseline_json:
+            result["scaling_efficiency"] = benchmark.scaling_efficiency(result, _read_json(FLAGS.baseline_json, "baseline_json"))
+        table = [list(benchmark.TABLE_FIELDS)] + [benchmark.table_row(result)]
+    elif FLAGS.mode == "overhead":
+        result = benchmark.measure_step(cfg, **common, jit_compile=FLAGS.jit_compile, precision=FLAGS.precision,
+                                        mode="overhead")
+        fit = benchmark.time_keras_fit(cfg, **common, jit_compile=FLAGS.jit_compile, precision=FLAGS.precision)
+        result.update(keras_fit_step_ms=1000 * fit.median_s, overhead_ratio=result["step_ms_median"] / (1000 * fit.median_s))
+        table = [["", "median ms", "p10 ms", "p90 ms"],
+                 ["tfllm step", *(f"{result[k]:.2f}" for k in ("step_ms_median", "step_ms_p10", "step_ms_p90"))],
+                 ["keras model.fit", *(f"{1000 * t:.2f}" for t in (fit.median_s, fit.p10_s, fit.p90_s))]]
+    elif FLAGS.mode == "variants":
+        runs = [benchmark.measure_step(cfg, **common, jit_compile=jit, precision=p, mode="variants")
+                for p in FLAGS.variant_precisions for jit in (True, False)]
+        result = {"mode": "variants", "runs": runs}
+        table = [list(benchmark.TABLE_FIELDS)] + [benchmark.table_row(r) for r in runs]
+    elif FLAGS.mode == "generate":
+        r = benchmark.time_generation(cfg, FLAGS.batch_size, FLAGS.gen_prompt_len, FLAGS.gen_new_tokens)
+        result = {"mode": "generate", "model": dataclasses.asdict(cfg), **r}
+        table = [[f"generate {FLAGS.gen_new_tokens} tokens, batch {FLAGS.batch_size}", "seconds"],
+                 ["key/value cache (keras-hub)", f"{r['cached_s']:.3f}"],
+                 ["full forward pass per token", f"{r['uncached_s']:.3f}"], ["speedup", f"{r['speedup']:.2f}"]]
     else:
-        shapes = [tuple(v.shape) for v in benchmark.build(cfg).trainable_variables]
-        ar = benchmark.time_allreduce(shapes, FLAGS.bench_steps, FLAGS.bench_warmup)
-        result.update(allreduce_ms=1000 * ar.median_s, allreduce_share=ar.median_s / step.median_s)
-        rows.append(("grouped allreduce", ar))
-    result["peak_memory_bytes"] = benchmark.peak_memory_bytes()
+        result, table = _costmodel(cfg)
     if world.is_chief:
-        print(f"| {FLAGS.mode} @ {world.size} rank(s) | median ms | p10 ms | p90 ms |")
-        print("|---|---|---|---|")
-        for name, t in rows:
-            print(f"| {name} | {1000 * t.median_s:.2f} | {1000 * t.p10_s:.2f} | {1000 * t.p90_s:.2f} |")
-        key = "overhead_ratio" if FLAGS.mode == "overhead" else "allreduce_share"
-        print(f"{key}={result[key]:.4f}")
+        print(benchmark.markdown(table))
+        for key in ("overhead_ratio", "allreduce_share", "scaling_efficiency", "tokens_per_sec_global", "speedup"):
+            if isinstance(result.get(key), float):
+                print(f"{key}={result[key]:.4f}")
         print(json.dumps(result), flush=True)
         if FLAGS.output_json:
             atomic.write_json(FLAGS.output_json, result, sort_keys=False)
+    if FLAGS.tb_dir:
+        writer = SummaryWriter(FLAGS.tb_dir, world.is_chief)
+        for r in result.get("runs", [result]):
+            tag = f"{r.get('precision', '')}{'_xla' if r.get('jit_compile') else ''}".strip("_")
+            writer.scalars(f"benchmark/{FLAGS.mode}" + (f"/{tag}" if FLAGS.mode == "variants" else ""),
+                           world.size, {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        writer.close()
 
 
 if __name__ == "__main__":

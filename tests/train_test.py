@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, subprocess_env
 from pretrain_helpers import TINY, event_tags, logged_losses, pretrain
-from tfllm.train import EXIT_SIGNALLED
+from tfllm.cli import EXIT_SIGNALLED
 
 pytestmark = pytest.mark.slow
 

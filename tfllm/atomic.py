@@ -12,14 +12,17 @@ import os
 import shutil
 
 
-def write_json(path: str, obj, sort_keys: bool = True) -> None:
+def write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=sort_keys)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: str, obj, sort_keys: bool = True) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def replace_dir(tmp_dir: str, final_dir: str) -> None:

@@ -8,7 +8,10 @@ the measured steps. Synthetic data keeps the input pipeline out of the figures.
   (single process; Horovod's Keras callbacks do not work with Keras 3). The ratio of the two
   medians is tfllm's overhead.
 - `time_allreduce`: one grouped allreduce of tensors shaped like the model's gradients, inside a
-  tf.function like the step's; its median over the step's median is the allreduce share.
+  tf.function like the step's; its median over the step's median is the allreduce share. The
+  same with one 4-byte tensor measures the ring's latency (the cost model's alpha).
+- `measure_step`: all of the above for one configuration, as the flat record that
+  `pipelines/benchmark.py` prints, writes as JSON and logs to TensorBoard.
 """
 
 from __future__ import annotations
@@ -25,6 +28,14 @@ from tfllm import distributed
 from tfllm.config import ModelConfig
 from tfllm.models import build_causal_lm, count_params, flops_per_token, split_window
 from tfllm.step import TrainStep, sync_state
+from tfllm.summary import device_peak_flops
+
+# Every key of `measure_step`'s record (the tests check the JSON against this list).
+STEP_FIELDS = ("mode", "world_size", "device", "model", "params", "flops_per_token", "grad_bytes", "batch_per_rank",
+               "seq_len", "precision", "jit_compile", "fp16_allreduce", "warmup_steps", "measured_steps",
+               "step_ms_median", "step_ms_p10", "step_ms_p90", "tokens_per_sec_per_rank", "tokens_per_sec_global",
+               "model_flops_per_sec_per_rank", "model_flops_per_sec_global", "peak_flops_per_device", "mfu",
+               "peak_memory_bytes", "allreduce_ms", "allreduce_share", "latency_allreduce_ms")
 
 
 @dataclasses.dataclass
@@ -73,8 +84,10 @@ def time_tfllm_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warm
         if i >= warmup:
             times.append(time.perf_counter() - t)
     params = count_params(model)
+    wire_bytes = 2 if fp16_allreduce else 4
     info = {"params": params, "flops_per_token": flops_per_token(cfg, seq_len, params),
-            "grad_bytes": int(sum(int(np.prod(v.shape)) * 4 for v in model.trainable_variables))}
+            "grad_bytes": int(sum(int(np.prod(v.shape)) * wire_bytes for v in model.trainable_variables)),
+            "grad_shapes": [tuple(v.shape) for v in model.trainable_variables]}
     return Timing.of(times), info
 
 
@@ -116,6 +129,47 @@ def time_allreduce(grad_shapes: list[tuple[int, ...]], steps: int, warmup: int, 
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return Timing.of(times)
+
+
+def measure_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int, jit_compile: bool,
+                 precision: str = "float32", fp16_allreduce: bool = False, mode: str = "step") -> dict:
+    """Step time, throughput, model FLOP/s and MFU, memory and the allreduce share at this world size.
+
+    Every rank must call it (the step and the allreduce timings are collective). The allreduce
+    is timed separately from the step, with the gradients' shapes and wire dtype, after a barrier.
+    """
+    world = distributed.world()
+    step, info = time_tfllm_step(cfg, batch, seq_len, steps, warmup, jit_compile, precision, fp16_allreduce)
+    if world.size > 1:
+        ar = time_allreduce(info["grad_shapes"], steps, warmup, fp16_allreduce).median_s
+        latency = time_allreduce([(1,)], steps, warmup).median_s
+    else:
+        ar = latency = 0.0  # a single process skips the allreduce
+    tokens = batch * seq_len
+    per_rank = tokens / step.median_s
+    device, peak = device_peak_flops()
+    flops_rank = per_rank * info["flops_per_token"]
+    record = {
+        "mode": mode, "world_size": world.size, "device": device, "model": dataclasses.asdict(cfg),
+        "params": info["params"], "flops_per_token": info["flops_per_token"], "grad_bytes": info["grad_bytes"],
+        "batch_per_rank": batch, "seq_len": seq_len, "precision": precision, "jit_compile": jit_compile,
+        "fp16_allreduce": fp16_allreduce, "warmup_steps": warmup, "measured_steps": step.steps,
+        "step_ms_median": 1000 * step.median_s, "step_ms_p10": 1000 * step.p10_s, "step_ms_p90": 1000 * step.p90_s,
+        "tokens_per_sec_per_rank": per_rank, "tokens_per_sec_global": world.size * per_rank,
+        "model_flops_per_sec_per_rank": flops_rank, "model_flops_per_sec_global": world.size * flops_rank,
+        "peak_flops_per_device": peak, "mfu": flops_rank / peak if peak else None,
+        "peak_memory_bytes": peak_memory_bytes(),
+        "allreduce_ms": 1000 * ar, "allreduce_share": ar / step.median_s, "latency_allreduce_ms": 1000 * latency,
+    }
+    assert tuple(record) == STEP_FIELDS
+    return record
+
+
+def scaling_efficiency(record: dict, baseline: dict) -> float:
+    """Weak-scaling efficiency: global tokens/s at N ranks over N x tokens/s of one rank."""
+    if baseline["world_size"] != 1:
+        raise ValueError(f"the baseline must be a 1-rank run, got world_size={baseline['world_size']}")
+    return record["tokens_per_sec_global"] / (record["world_size"] * baseline["tokens_per_sec_global"])
 
 
 def time_generation(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
@@ -163,3 +217,21 @@ def peak_memory_bytes() -> int:
     if tf.config.list_physical_devices("GPU"):
         return int(tf.config.experimental.get_memory_info("GPU:0")["peak"])
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+TABLE_FIELDS = ("ranks", "precision", "XLA", "step ms (p10-p90)", "tokens/s global", "model TFLOP/s/rank", "MFU",
+                "allreduce share", "peak memory MiB")
+
+
+def table_row(r: dict) -> list[str]:
+    return [str(r["world_size"]), r["precision"], "on" if r["jit_compile"] else "off",
+            f"{r['step_ms_median']:.1f} ({r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f})",
+            f"{r['tokens_per_sec_global']:,.0f}", f"{r['model_flops_per_sec_per_rank'] / 1e12:.4f}",
+            "n/a (CPU)" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+            f"{100 * r['allreduce_share']:.1f}%", f"{r['peak_memory_bytes'] / 2**20:,.0f}"]
+
+
+def markdown(rows: list[list]) -> str:
+    """A markdown table; the first row is the header."""
+    lines = ["| " + " | ".join(str(c) for c in rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows[1:]])

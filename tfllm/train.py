@@ -32,7 +32,6 @@ from tfllm.step import TrainStep, sync_state
 from tfllm.summary import SummaryWriter, device_peak_flops
 from tfllm.tokenizers import load_tokenizer
 
-EXIT_SIGNALLED = 143  # 128 + SIGTERM: a preempted job is not a finished one, so it gets restarted
 
 
 class TrainingError(RuntimeError):

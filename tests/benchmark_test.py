@@ -1,0 +1,88 @@
+"""Benchmark figures: the FLOPs formula by hand, the JSON and TensorBoard output of each mode."""
+
+import json
+
+import pytest
+
+from conftest import run
+from tfllm import benchmark
+from tfllm.config import ModelConfig
+from tfllm.models import build_causal_lm, count_params, flops_per_token
+
+TINY_BENCH = ["-m", "pipelines.benchmark", "--num_layers=2", "--num_heads=2", "--hidden_dim=32", "--seq_len=16",
+              "--max_sequence_length=16", "--batch_size=4", "--bench_vocab=50", "--bench_steps=4", "--bench_warmup=2"]
+
+
+def test_flops_per_token_against_a_hand_count():
+    V, P, L, d, f, T = 50, 16, 2, 32, 128, 16
+    cfg = ModelConfig(family="gpt2", num_layers=L, num_heads=2, hidden_dim=d, intermediate_dim=f,
+                      max_sequence_length=P, vocab_size=V)
+    per_layer = (2 * d  # attention layer norm (gamma, beta)
+                 + 3 * (d * d + d)  # query, key, value projections with biases
+                 + d * d + d  # attention output projection
+                 + 2 * d  # feed-forward layer norm
+                 + d * f + f + f * d + d)  # feed-forward in and out
+    n_params = V * d + P * d + L * per_layer + 2 * d  # token + position embeddings, layers, final norm; head tied
+    model = build_causal_lm(cfg)
+    assert count_params(model) == n_params == 27_584
+    # 6 N for the matmuls over the weights (fwd 2N + bwd 4N) + 12 L d T for QK^T and AV.
+    assert flops_per_token(cfg, T, n_params) == 6 * 27_584 + 12 * 2 * 32 * 16 == 177_792
+
+
+def _scalars(log_dir):
+    from tensorboard.backend.event_processing import event_multiplexer
+
+    mux = event_multiplexer.EventMultiplexer().AddRunsFromDirectory(str(log_dir))
+    mux.Reload()
+    return {run: set(tags["tensors"]) for run, tags in mux.Runs().items()}
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_step_json_at_one_and_two_ranks_then_the_cost_model(tmp_path):
+    one, two, cm, png = (tmp_path / n for n in ("step1.json", "step2.json", "cm.json", "scaling.png"))
+    out = run(TINY_BENCH + ["--mode=step", f"--output_json={one}", f"--tb_dir={tmp_path / 'tb'}"])
+    rec1 = json.loads(one.read_text())
+    assert list(rec1) == list(benchmark.STEP_FIELDS) and _last_json(out.stdout) == rec1
+    assert rec1["world_size"] == 1 and rec1["allreduce_share"] == 0 and rec1["params"] == 27_584
+    assert rec1["tokens_per_sec_global"] == pytest.approx(4 * 16 / (rec1["step_ms_median"] / 1000))
+    assert rec1["model_flops_per_sec_per_rank"] == pytest.approx(rec1["tokens_per_sec_per_rank"] * rec1["flops_per_token"])
+    assert rec1["mfu"] is None and rec1["device"] == "CPU" and rec1["peak_memory_bytes"] > 0
+    assert "| ranks | precision | XLA |" in out.stdout
+
+    run(TINY_BENCH + ["--mode=step", f"--baseline_json={one}", f"--output_json={two}"], launcher="gloo")
+    rec2 = json.loads(two.read_text())
+    assert set(benchmark.STEP_FIELDS) < set(rec2) and rec2["world_size"] == 2
+    assert rec2["scaling_efficiency"] == pytest.approx(rec2["tokens_per_sec_global"] / (2 * rec1["tokens_per_sec_global"]))
+    assert 0 < rec2["allreduce_share"] < 1 and rec2["latency_allreduce_ms"] > 0
+    assert rec2["grad_bytes"] == 4 * 27_584
+
+    run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={two}", f"--plot={png}", f"--output_json={cm}"])
+    result = json.loads(cm.read_text())
+    cal = result["calibration"]
+    assert cal["predicted_allreduce_s"] == pytest.approx(rec2["allreduce_ms"] / 1000)
+    assert cal["predicted_efficiency"] == pytest.approx(1 - rec2["allreduce_share"])
+    assert png.read_bytes()[:4] == b"\x89PNG" and len(result["curves"]) == 3
+    assert "tokens_per_sec_global" in _scalars(tmp_path / "tb")["benchmark/step"]
+
+
+def test_overhead_and_variants_modes(tmp_path):
+    out = run(TINY_BENCH + ["--mode=overhead", f"--output_json={tmp_path / 'o.json'}"])
+    rec = json.loads((tmp_path / "o.json").read_text())
+    assert rec["overhead_ratio"] == pytest.approx(rec["step_ms_median"] / rec["keras_fit_step_ms"])
+    assert "keras model.fit" in out.stdout
+    run(TINY_BENCH + ["--mode=variants", f"--output_json={tmp_path / 'v.json'}"])
+    runs = json.loads((tmp_path / "v.json").read_text())["runs"]
+    assert [(r["precision"], r["jit_compile"]) for r in runs] == [
+        ("float32", True), ("float32", False), ("mixed_bfloat16", True), ("mixed_bfloat16", False)]
+    assert all(list(r) == list(benchmark.STEP_FIELDS) for r in runs)
+
+
+def test_bad_requests_are_one_line_errors(tmp_path):
+    missing = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={tmp_path / 'nope.json'}"], check=False)
+    assert missing.returncode == 1 and "error: --calibration_json=" in missing.stderr
+    (tmp_path / "one.json").write_text(json.dumps({"world_size": 1, "tokens_per_sec_global": 1.0}))
+    wrong = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={tmp_path / 'one.json'}"], check=False)
+    assert wrong.returncode == 1 and "error:" in wrong.stderr
