@@ -38,10 +38,11 @@ def launcher_command(launcher: str, np: int) -> list[str]:
 
 
 def run(args: list[str], launcher: str = "none", np: int = 2, timeout: int = 600, check: bool = True,
-        cwd=REPO, **env) -> subprocess.CompletedProcess:
+        cwd=REPO, input_text: str | None = None, **env) -> subprocess.CompletedProcess:
     """Runs `python args...` (under a launcher); on failure the output is in the assertion."""
     cmd = launcher_command(launcher, np) + [sys.executable] + list(args)
-    proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout,
+                          input=input_text)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")

@@ -16,7 +16,8 @@ from absl import app
 
 EXIT_SIGNALLED = 143  # 128 + SIGTERM: a preempted job is not a finished one, so it gets restarted
 USER_ERRORS = {"tfllm.config": "ConfigError", "tfllm.data.corpus": "CorpusError", "tfllm.data.pipeline": "DataError",
-               "tfllm.checkpoint": "CheckpointError", "tfllm.train": "TrainingError"}
+               "tfllm.checkpoint": "CheckpointError", "tfllm.train": "TrainingError",
+               "tfllm.labelled": "LabelledDataError"}
 
 
 def _loaded(classes: dict[str, str]) -> tuple[type, ...]:

@@ -196,6 +196,67 @@ class Config:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
+@dataclasses.dataclass
+class FinetuneConfig:
+    """A classification fine-tuning run on a pretraining model dir's backbone and tokenizer."""
+    pretrained_dir: str = ""
+    model_dir: str = ""
+    train_file: str = ""
+    validation_file: str = ""
+    file_format: str = "auto"  # auto (by extension) | tsv | csv | jsonl
+    label_column: str = "label"
+    text_column: str = "sentence"
+    header: bool = True
+    num_classes: int = 0  # 0: from the training labels
+    init: str = "pretrained"  # pretrained | scratch (same architecture, random weights)
+    max_length: int = 64  # tokens per example, <eod> included
+    pooling: str = "last"  # last | mean
+    classifier_dropout: float = 0.1
+    freeze_backbone_steps: int = 0
+    class_weighted: bool = False
+    max_train_examples: int = 0  # 0: all
+    batch_size: int = 32
+    train_steps: int = 1000
+    eval_every: int = 200
+    early_stopping_patience: int = 0  # evaluations without a better accuracy before stopping; 0: off
+    log_every: int = 50
+    keep_checkpoints: int = 2
+    jit_compile: bool = True
+    seed: int = 0
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(
+        learning_rate=1e-4, min_learning_rate=1e-5, warmup_steps=50, weight_decay=0.01))
+
+    def validate(self) -> "FinetuneConfig":
+        if not self.pretrained_dir:
+            raise ConfigError("--pretrained_dir is required (its tokenizer and architecture are used, "
+                              "and its weights unless --init=scratch)")
+        if not self.model_dir:
+            raise ConfigError("--model_dir is required")
+        if self.init not in ("pretrained", "scratch"):
+            raise ConfigError(f"--init={self.init!r}: expected pretrained or scratch")
+        if self.pooling not in ("last", "mean"):
+            raise ConfigError(f"--pooling={self.pooling!r}: expected last or mean")
+        if self.file_format not in ("auto", "tsv", "csv", "jsonl"):
+            raise ConfigError(f"--file_format={self.file_format!r}: expected auto, tsv, csv or jsonl")
+        for name in ("batch_size", "train_steps", "max_length"):
+            if getattr(self, name) < (2 if name == "max_length" else 1):
+                raise ConfigError(f"--{name}={getattr(self, name)}: too small")
+        if self.num_classes == 1 or self.num_classes < 0:
+            raise ConfigError(f"--num_classes={self.num_classes}: need 2 or more (0: from the training labels)")
+        if not 0.0 <= self.classifier_dropout < 1.0:
+            raise ConfigError(f"--classifier_dropout={self.classifier_dropout}: must be in [0, 1)")
+        self.optimizer.validate()
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        if isinstance(values.get("optimizer"), dict):
+            values["optimizer"] = OptimizerConfig(**values["optimizer"])
+        return cls(**values)
+
+
 def model_mismatch(saved: ModelConfig, current: ModelConfig) -> list[str]:
     """Fields whose values differ, as 'name: saved -> current' strings."""
     diffs = []

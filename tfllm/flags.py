@@ -6,10 +6,12 @@ FLAGS. Defaults live in `tfllm.config` so that flags, flagfiles and tests agree.
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl import flags
 
-from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, Config, DataConfig, ModelConfig,
-                          OptimizerConfig, TrainConfig)
+from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, Config, DataConfig, FinetuneConfig,
+                          ModelConfig, OptimizerConfig, TrainConfig)
 from tfllm.generate import STRATEGIES, SamplingConfig
 
 FLAGS = flags.FLAGS
@@ -114,6 +116,35 @@ def define_sampling_flags() -> None:
     flags.DEFINE_bool("stop_at_eod", _S.stop_at_eod, "Stop a continuation at the end-of-document token.")
 
 
+@_once
+def define_finetune_flags() -> None:
+    """Classification fine-tuning; with the optimizer and run flags of `define_train_flags`."""
+    f = FinetuneConfig()
+    flags.DEFINE_string("pretrained_dir", f.pretrained_dir, "Pretraining model dir: tokenizer, architecture, weights.")
+    flags.DEFINE_string("train_file", f.train_file, "Labelled training data (.tsv, .csv or .jsonl).")
+    flags.DEFINE_string("validation_file", f.validation_file, "Labelled validation data, same format.")
+    flags.DEFINE_enum("file_format", f.file_format, ["auto", "tsv", "csv", "jsonl"], "Format (auto: by extension).")
+    flags.DEFINE_string("label_column", f.label_column, "Label column name (or 0-based number with --noheader; JSONL key).")
+    flags.DEFINE_string("text_column", f.text_column, "Text column name (or 0-based number with --noheader; JSONL key); "
+                        "several comma-separated names: the first one a file has.")
+    flags.DEFINE_bool("header", f.header, "TSV/CSV files start with a header row.")
+    flags.DEFINE_integer("num_classes", f.num_classes, "Classes 0..N-1 (0: the distinct training labels).")
+    flags.DEFINE_enum("init", f.init, ["pretrained", "scratch"], "Backbone weights: pretrained, or random (comparison).")
+    flags.DEFINE_integer("max_length", f.max_length, "Tokens per example (<eod> included); longer texts are cut.")
+    flags.DEFINE_enum("pooling", f.pooling, ["last", "mean"], "Backbone output pooling: last real token or mean.")
+    flags.DEFINE_float("classifier_dropout", f.classifier_dropout, "Dropout before the classification head.")
+    flags.DEFINE_integer("freeze_backbone_steps", f.freeze_backbone_steps, "Train only the head for the first N steps.")
+    flags.DEFINE_bool("class_weighted", f.class_weighted, "Weight the loss by inverse class frequency.")
+    flags.DEFINE_integer("max_train_examples", f.max_train_examples, "Use only the first N training examples (0: all).")
+    flags.DEFINE_integer("early_stopping_patience", f.early_stopping_patience,
+                         "Stop after N validations without a better accuracy (0: never).")
+
+
+def finetune_config_from_flags() -> FinetuneConfig:
+    names = [f.name for f in dataclasses.fields(FinetuneConfig) if f.name != "optimizer"]
+    return FinetuneConfig(optimizer=optimizer_config_from_flags(), **{n: getattr(FLAGS, n) for n in names})
+
+
 def data_config_from_flags() -> DataConfig:
     return DataConfig(
         corpus=list(FLAGS.corpus), data_dir=FLAGS.data_dir, tokenizer=FLAGS.tokenizer, vocab_size=FLAGS.vocab_size,
@@ -129,12 +160,16 @@ def model_config_from_flags() -> ModelConfig:
         max_sequence_length=FLAGS.max_sequence_length or FLAGS.seq_len)
 
 
-def config_from_flags() -> Config:
-    optimizer = OptimizerConfig(
+def optimizer_config_from_flags() -> OptimizerConfig:
+    return OptimizerConfig(
         learning_rate=FLAGS.learning_rate, min_learning_rate=FLAGS.min_learning_rate, warmup_steps=FLAGS.warmup_steps,
         decay_steps=FLAGS.decay_steps, beta1=FLAGS.beta1, beta2=FLAGS.beta2, epsilon=FLAGS.epsilon,
         weight_decay=FLAGS.weight_decay, decay_embeddings_and_norms=FLAGS.decay_embeddings_and_norms,
         clip_norm=FLAGS.clip_norm, scale_lr_with_world_size=FLAGS.scale_lr_with_world_size)
+
+
+def config_from_flags() -> Config:
+    optimizer = optimizer_config_from_flags()
     train = TrainConfig(**{name: getattr(FLAGS, name) for name in (
         "model_dir", "batch_size", "grad_accum_steps", "train_steps", "precision", "jit_compile", "fp16_allreduce",
         "seed", "log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints", "sample_every",

@@ -30,8 +30,10 @@ STAT_LOSS, STAT_CORRECT, STAT_TOKENS, STAT_STOP = range(4)
 class TrainStep:
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, batch_size: int, seq_len: int,
                  grad_accum_steps: int = 1, clip_norm: float = 0.0, jit_compile: bool = False,
-                 fp16_allreduce: bool = False, loss_fn=lm_loss_sums):
+                 fp16_allreduce: bool = False, loss_fn=lm_loss_sums, variables=None):
         self.model = model
+        # None: all trainable variables; a subset trains only those (e.g. a head over a frozen backbone).
+        self._variables = None if variables is None else list(variables)
         self.optimizer = optimizer
         self.grad_accum_steps = int(grad_accum_steps)
         self.clip_norm = float(clip_norm)
@@ -48,7 +50,7 @@ class TrainStep:
 
     @property
     def variables(self):
-        return list(self.model.trainable_variables)
+        return list(self.model.trainable_variables) if self._variables is None else self._variables
 
     def build(self) -> None:
         """Creates the optimizer's variables so they can be broadcast and checkpointed."""

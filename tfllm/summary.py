@@ -71,6 +71,12 @@ class SummaryWriter:
             # Markdown code block so indentation and newlines of samples survive rendering.
             tf.summary.text(name, "```\n" + text.replace("```", "'''") + "\n```")
 
+    def image(self, split: str, step: int, name: str, png: bytes) -> None:
+        if not self.enabled:
+            return
+        with self._writer(split).as_default(step=step):
+            tf.summary.image(name, tf.image.decode_png(png, channels=4)[tf.newaxis])
+
     def hparams(self, hparams: dict, metrics=(("validation", "loss"), ("train", "loss"))) -> None:
         """Records the run's hyperparameters at the log root, with metrics from the split dirs."""
         if not self.enabled:

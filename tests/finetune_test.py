@@ -1,0 +1,188 @@
+"""Fine-tuning: labelled data, pooling, metrics, and the pretrain -> fine-tune -> predict -> export round trip."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import run
+from finetune_helpers import finetune_args, sst2_slice  # noqa: F401  (fixture)
+from tfllm import labelled
+from tfllm.classifier import SequencePooling, balanced_class_weights, classification_report
+
+# ---------------------------------------------------------------- labelled data
+
+def test_reads_tsv_csv_jsonl_and_headerless(tmp_path):
+    (tmp_path / "a.tsv").write_text('label\tsentence\n1\tit \'s "great"\n0\tbad\n')
+    (tmp_path / "a.csv").write_text('text,stars\n"good, really",pos\nmeh,neg\n')
+    (tmp_path / "a.jsonl").write_text('{"y": 2, "x": "two"}\n\n{"y": 10, "x": "ten"}\n')
+    (tmp_path / "b.tsv").write_text("pos\tfine\nneg\tawful\n")
+    tsv = labelled.read_examples(str(tmp_path / "a.tsv"), labelled.Columns())
+    assert tsv.texts == ['it \'s "great"', "bad"] and tsv.labels == ["1", "0"]
+    csv_ = labelled.read_examples(str(tmp_path / "a.csv"), labelled.Columns("stars", "text"))
+    assert csv_.texts == ["good, really", "meh"] and labelled.label_vocabulary(csv_) == ["neg", "pos"]
+    js = labelled.read_examples(str(tmp_path / "a.jsonl"), labelled.Columns("y", "x"))
+    assert labelled.label_vocabulary(js) == ["2", "10"]  # integers sort numerically
+    assert labelled.label_ids(js, ["2", "10"]).tolist() == [0, 1]
+    nohead = labelled.read_examples(str(tmp_path / "b.tsv"), labelled.Columns("0", "1", header=False))
+    assert nohead.labels == ["pos", "neg"] and nohead.texts == ["fine", "awful"]
+    assert labelled.label_vocabulary(tsv, num_classes=3) == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("content,cols,message", [
+    ("label\tsentence\n1\tok\n0\t  \n", {}, "a.tsv:3: empty text"),
+    ("label\ttext\n1\tok\n", {}, "no column 'sentence' in the header"),
+    ("label\tsentence\n1\tok\n1\tfine\n", {}, "every example has label '1'"),
+    ("", {}, "empty file"),
+    ("label\tsentence\n1\tok\n0\tbad\n", {"num_classes": 1}, None),
+])
+def test_bad_labelled_data(tmp_path, content, cols, message):
+    path = tmp_path / "a.tsv"
+    path.write_text(content)
+    if message is None:  # num_classes=1 with labels outside it
+        with pytest.raises(labelled.LabelledDataError, match="outside 0..0"):
+            labelled.label_vocabulary(labelled.read_examples(str(path), labelled.Columns()), 1)
+        return
+    with pytest.raises(labelled.LabelledDataError, match=message.replace("(", r"\(")):
+        labelled.label_vocabulary(labelled.read_examples(str(path), labelled.Columns(**cols)))
+
+
+def test_unknown_validation_label(tmp_path):
+    (tmp_path / "v.tsv").write_text("label\tsentence\n0\tok\n2\tnew\n")
+    ex = labelled.read_examples(str(tmp_path / "v.tsv"), labelled.Columns())
+    with pytest.raises(labelled.LabelledDataError, match=r"label '2' \(example 2\) is not among"):
+        labelled.label_ids(ex, ["0", "1"])
+
+
+def test_batches_are_disjoint_across_ranks_and_deterministic():
+    data = np.arange(100, dtype=np.int32)[:, None].repeat(3, 1)
+    ranks = [labelled.Batches(data, 5, r, 2, seed=3) for r in range(2)]
+    assert ranks[0].steps_per_epoch == 10
+    epoch = np.concatenate([b(s)[:, 0] for s in range(10) for b in ranks])
+    assert sorted(epoch.tolist()) == list(range(100))  # one epoch sees every example once
+    fresh = labelled.Batches(data, 5, 1, 2, seed=3)
+    assert np.array_equal(fresh(13), ranks[1](13))  # resuming at step 13 gives the same batch
+    with pytest.raises(labelled.LabelledDataError, match="cannot fill one global batch"):
+        labelled.Batches(data[:7], 4, 0, 2, seed=0)
+
+
+# ---------------------------------------------------------------- model pieces and metrics
+
+def test_sequence_pooling_last_and_mean():
+    hidden = tf.constant(np.arange(2 * 4 * 2, dtype=np.float32).reshape(2, 4, 2))
+    mask = tf.constant([[True, True, True, False], [True, False, False, False]])
+    last = SequencePooling("last")(hidden, mask).numpy()
+    assert last.tolist() == [[4.0, 5.0], [8.0, 9.0]]
+    mean = SequencePooling("mean")(hidden, mask).numpy()
+    assert np.allclose(mean, [[2.0, 3.0], [8.0, 9.0]])
+    clone = SequencePooling.from_config(SequencePooling("mean", name="p").get_config())
+    assert clone.mode == "mean" and clone.name == "p"
+
+
+def test_classification_report_by_hand():
+    confusion = np.array([[5, 1], [2, 2]])  # rows: true 0, 1; columns: predicted
+    r = classification_report(confusion, loss_sum=6.0, classes=["neg", "pos"])
+    assert r["accuracy"] == 0.7 and r["loss"] == 0.6 and r["examples"] == 10
+    assert r["per_class"]["neg"]["precision"] == pytest.approx(5 / 7)
+    assert r["per_class"]["neg"]["recall"] == pytest.approx(5 / 6)
+    assert r["per_class"]["pos"]["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert balanced_class_weights(np.array([0, 0, 0, 1]), 2).tolist() == pytest.approx([4 / 6, 2.0])
+
+
+# ---------------------------------------------------------------- end to end (1 rank)
+
+def _npz(model_dir, ckpt=None):
+    index = json.loads((model_dir / "checkpoints" / "index.json").read_text())
+    name = ckpt or index["latest"]
+    with np.load(model_dir / "checkpoints" / name / "variables.npz") as z:
+        return {k.split(":", 1)[1]: z[k] for k in z.files}
+
+
+def test_round_trip_pretrain_finetune_predict_export(trained_model_dir, sst2_slice, tmp_path):
+    model_dir = tmp_path / "clf"
+    out = run(finetune_args(trained_model_dir, model_dir, sst2_slice, "--freeze_backbone_steps=20",
+                            f"--output_json={tmp_path / 'r.json'}"))
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["step"] == 20 and result["validation"]["examples"] == 120
+    assert "confusion (rows: true, columns: predicted)" in out.stdout and "accuracy=" in out.stdout
+    record = json.loads((model_dir / "finetune.json").read_text())
+    assert record["classes"] == ["0", "1"] and (model_dir / "tokenizer").is_dir()
+
+    # The backbone, frozen for every step, still holds exactly the pretrained weights.
+    pretrained = _npz(trained_model_dir)
+    tuned = _npz(model_dir)
+    backbone = [k for k in pretrained if not k.startswith(("adam_w/", "seed_generator"))]
+    assert len(backbone) > 20 and "token_embedding/embeddings" in backbone
+    for key in backbone:
+        assert np.array_equal(pretrained[key], tuned[key]), key
+    assert "classifier_head/kernel" in tuned
+
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(str(model_dir / "tb" / "validation"), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert {"accuracy", "loss", "confusion_matrix"} <= set(acc.Tags()["tensors"])
+
+    texts = "a gorgeous , witty , seductive movie .\nthe acting is terrible and the plot is worse\n"
+    pred = run(["-m", "pipelines.finetune", "--mode=predict", f"--model_dir={model_dir}"], input_text=texts)
+    lines = [line.split("\t") for line in pred.stdout.strip().splitlines()]
+    assert len(lines) == 2 and all(label in ("0", "1") and 0.5 <= float(p) <= 1 for label, p in lines)
+
+    export_dir = tmp_path / "export"
+    run(["-m", "pipelines.finetune", "--mode=export", f"--model_dir={model_dir}", f"--export_dir={export_dir}"])
+    script = (f"import json, sys, tensorflow as tf, tensorflow_text\n"
+              f"m = tf.saved_model.load({str(export_dir / 'saved_model')!r})\n"
+              f"out = m.signatures['classify'](texts=tf.constant({texts.splitlines()!r}))\n"
+              f"assert not any(k.startswith('tfllm') for k in sys.modules)\n"
+              f"print(json.dumps([[x.decode() for x in out['label'].numpy()], out['probability'].numpy().tolist(),"
+              f" out['probabilities'].numpy().sum(1).round(4).tolist()]))\n")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    labels, probs, sums = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert labels == [label for label, _ in lines] and sums == [1.0, 1.0]
+    assert probs == pytest.approx([float(p) for _, p in lines], abs=2e-4)
+
+
+def test_scratch_init_and_resume(trained_model_dir, sst2_slice, tmp_path):
+    model_dir = tmp_path / "scratch"
+    run(finetune_args(trained_model_dir, model_dir, sst2_slice, "--init=scratch", "--train_steps=10"))
+    pretrained, scratch = _npz(trained_model_dir), _npz(model_dir)
+    key = next(k for k in pretrained if "token_embedding" in k)
+    scratch_key = next(k for k in scratch if "token_embedding" in k)
+    assert not np.allclose(pretrained[key], scratch[scratch_key])
+    # Rerunning with more steps resumes at step 10.
+    out = run(finetune_args(trained_model_dir, model_dir, sst2_slice, "--init=scratch", "--train_steps=20"))
+    assert "resumed from" in out.stdout and "(step 10)" in out.stdout
+    steps = [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20]
+
+
+def test_bad_inputs_are_one_line_errors(trained_model_dir, sst2_slice, tmp_path):
+    bad_dev = tmp_path / "dev.tsv"
+    bad_dev.write_text("label\tsentence\n0\tfine\n7\tunknown label\n")
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("label\tsentence\n0\tfine\n1\t\n")
+    single = tmp_path / "single.tsv"
+    single.write_text("label\tsentence\n1\tgood\n1\tgreat\n")
+    other_tok = tmp_path / "other_tokenizer"
+    shutil.copytree(trained_model_dir, other_tok)
+    from tfllm.tokenizers import ByteTokenizer
+    shutil.rmtree(other_tok / "tokenizer")
+    ByteTokenizer().save(str(other_tok / "tokenizer"))
+    cases = [
+        ([f"--validation_file={bad_dev}"], "label '7' (example 2) is not among the training labels"),
+        ([f"--train_file={empty}"], "empty.tsv:3: empty text"),
+        (["--label_column=stars"], "no column 'stars' in the header"),
+        ([f"--train_file={single}"], "every example has label '1'"),
+        ([f"--pretrained_dir={other_tok}"], "tokenizer has 259 tokens, the model"),
+        (["--max_length=65"], "--max_length=65 exceeds the pretrained model's context (64 positions)"),
+    ]
+    for extra, message in cases:
+        model_dir = tmp_path / "m"
+        proc = run(finetune_args(trained_model_dir, model_dir, sst2_slice, *extra), check=False)
+        lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+        assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], (extra, proc.stderr[-1500:])
+        assert not (model_dir / "checkpoints").exists()

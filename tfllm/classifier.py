@@ -1,0 +1,159 @@
+"""Text classifier on a pretrained tfllm backbone: pooling, head, loss, metrics, serving.
+
+The backbone is the keras-hub backbone of a pretraining model dir (same config, same
+tokenizer), restored from its checkpoint or freshly initialised for from-scratch comparisons.
+Its sequence output is pooled (the last real token, which under causal attention has seen
+the whole text, or the mean over real tokens), then dropout and a dense head give logits.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfllm.labelled import NO_LABEL, split_rows
+from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
+
+POOLINGS = ("last", "mean")
+
+
+@keras.saving.register_keras_serializable(package="tfllm")
+class SequencePooling(keras.layers.Layer):
+    """[B, T, d] hidden states and a [B, T] padding mask -> [B, d]."""
+
+    def __init__(self, mode: str = "last", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in POOLINGS:
+            raise ValueError(f"pooling {mode!r}: expected one of {POOLINGS}")
+        self.mode = mode
+
+    def call(self, hidden, padding_mask):
+        mask = keras.ops.cast(padding_mask, hidden.dtype)
+        if self.mode == "mean":
+            total = keras.ops.sum(hidden * mask[:, :, None], axis=1)
+            return total / keras.ops.maximum(keras.ops.sum(mask, axis=1, keepdims=True), 1.0)
+        last = keras.ops.maximum(keras.ops.sum(keras.ops.cast(padding_mask, "int32"), axis=1) - 1, 0)
+        return keras.ops.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+def build_classifier(backbone: keras.Model, num_classes: int, pooling: str = "last", dropout: float = 0.1) -> keras.Model:
+    token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+    padding_mask = keras.Input(shape=(None,), dtype="bool", name="padding_mask")
+    hidden = backbone({"token_ids": token_ids, "padding_mask": padding_mask})
+    pooled = SequencePooling(pooling, name="pooling")(hidden, padding_mask)
+    pooled = keras.layers.Dropout(dropout, name="head_dropout")(pooled)
+    logits = keras.layers.Dense(num_classes, dtype="float32", name="classifier_head")(pooled)
+    model = keras.Model({"token_ids": token_ids, "padding_mask": padding_mask}, logits, name="tfllm_classifier")
+    model({"token_ids": tf.constant([[EOD_ID, 3]], tf.int32), "padding_mask": tf.constant([[True, True]])})
+    return model
+
+
+def head_variables(model: keras.Model, backbone: keras.Model) -> list:
+    backbone_ids = {id(v) for v in backbone.trainable_variables}
+    return [v for v in model.trainable_variables if id(v) not in backbone_ids]
+
+
+def make_loss_fn(class_weights: np.ndarray | None = None):
+    """(model, rows, training) -> (weighted NLL sum, correct, examples), for `TrainStep`.
+
+    Class weights multiply each example's loss; the step still divides by the example count.
+    Rows labelled NO_LABEL count for nothing.
+    """
+    weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
+
+    def loss_sums(model, batch, training):
+        features, labels = split_rows(batch)
+        real = labels != NO_LABEL
+        safe = tf.where(real, labels, 0)
+        logits = tf.cast(model(features, training=training), tf.float32)
+        nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe, logits=logits)
+        mask = tf.cast(real, tf.float32)
+        if weights is not None:
+            nll = nll * tf.gather(weights, safe)
+        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=safe.dtype), safe), tf.float32)
+        return tf.reduce_sum(nll * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask)
+    return loss_sums
+
+
+def balanced_class_weights(label_ids: np.ndarray, num_classes: int) -> np.ndarray:
+    """n / (C * count_c): every class contributes equally to the loss (absent classes get 0)."""
+    counts = np.bincount(label_ids, minlength=num_classes).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        w = np.where(counts > 0, len(label_ids) / (num_classes * counts), 0.0)
+    return w.astype(np.float32)
+
+
+def classification_report(confusion: np.ndarray, loss_sum: float, classes: list[str]) -> dict:
+    """Accuracy, loss and per-class precision/recall/F1 from a [true, predicted] confusion matrix."""
+    confusion = np.asarray(confusion, np.int64)
+    total = int(confusion.sum())
+    per_class = {}
+    for i, name in enumerate(classes):
+        tp = int(confusion[i, i])
+        predicted, actual = int(confusion[:, i].sum()), int(confusion[i].sum())
+        p = tp / predicted if predicted else 0.0
+        r = tp / actual if actual else 0.0
+        per_class[name] = {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": actual}
+    return {"examples": total, "accuracy": float(np.trace(confusion)) / max(total, 1),
+            "loss": loss_sum / max(total, 1), "per_class": per_class, "confusion": confusion.tolist(),
+            "macro_f1": float(np.mean([c["f1"] for c in per_class.values()]))}
+
+
+def format_report(report: dict, classes: list[str]) -> str:
+    width = max(8, *(len(c) for c in classes))
+    lines = [f"accuracy={report['accuracy']:.4f} loss={report['loss']:.4f} macro_f1={report['macro_f1']:.4f} "
+             f"examples={report['examples']}",
+             f"{'class':<{width}} precision  recall      f1  support"]
+    for name, c in report["per_class"].items():
+        lines.append(f"{name:<{width}} {c['precision']:9.4f} {c['recall']:7.4f} {c['f1']:7.4f} {c['support']:8d}")
+    lines.append("confusion (rows: true, columns: predicted) " + " ".join(classes))
+    lines += [f"{name:<{width}} " + " ".join(f"{n:6d}" for n in row) for name, row in zip(classes, report["confusion"])]
+    return "\n".join(lines)
+
+
+def confusion_png(confusion, classes: list[str]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confusion = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1 + 0.6 * len(classes)), dpi=100)
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), n in np.ndenumerate(confusion):
+        ax.text(j, i, str(n), ha="center", va="center", color="black" if n < confusion.max() / 2 else "white")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+class ClassifierServing(tf.Module):
+    """Strings in, probabilities out: tokenizer and classifier in one SavedModel (TF + tf_text only)."""
+
+    def __init__(self, model: keras.Model, tokenizer: Tokenizer, classes: list[str], max_length: int):
+        super().__init__(name="tfllm_classifier")
+        self.model, self.tokenizer, self.max_length = model, tokenizer, int(max_length)
+        self.class_names = tf.constant(classes)
+        self.classify = tf.function(self._classify, input_signature=[tf.TensorSpec([None], tf.string, name="texts")])
+
+    def _classify(self, texts):
+        ids = self.tokenizer.tokenize(texts)[:, : self.max_length - 1]
+        eod = tf.fill([tf.shape(texts)[0], 1], EOD_ID)
+        tokens = tf.concat([tf.cast(eod, ids.dtype), ids], axis=1).to_tensor(default_value=PAD_ID)
+        tokens = tf.cast(tokens, tf.int32)
+        probs = tf.nn.softmax(tf.cast(self.model({"token_ids": tokens, "padding_mask": tokens != PAD_ID}), tf.float32))
+        best = tf.argmax(probs, axis=-1, output_type=tf.int32)
+        return {"probabilities": probs, "label": tf.gather(self.class_names, best),
+                "probability": tf.reduce_max(probs, axis=-1)}

@@ -1,0 +1,254 @@
+"""Classification fine-tuning under the pretraining machinery: the same distributed step,
+checkpoints with resume, TensorBoard, exact cross-rank metrics; plus evaluation, prediction and
+export of a fine-tuned model dir.
+
+A fine-tuned model dir holds `finetune.json` (the resolved config, the class names and the
+backbone's model config), `tokenizer/` (copied from the pretrained dir), `checkpoints/` (best =
+highest validation accuracy, stored as the lowest error rate), `metrics.jsonl` and `tb/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfllm import atomic, distributed, labelled
+from tfllm.checkpoint import CheckpointError, CheckpointManager
+from tfllm.classifier import (ClassifierServing, balanced_class_weights, build_classifier, classification_report,
+                              confusion_png, format_report, head_variables, make_loss_fn)
+from tfllm.config import ConfigError, FinetuneConfig, ModelConfig
+from tfllm.models import build_causal_lm
+from tfllm.restore import TOKENIZER_DIR, load_trained_model
+from tfllm.step import TrainStep, sync_state
+from tfllm.summary import SummaryWriter
+from tfllm.tokenizers import load_tokenizer
+from tfllm.train import _agree, current_lr, make_optimizer
+
+FINETUNE_FILE = "finetune.json"
+
+
+@dataclasses.dataclass
+class Classifier:
+    model: keras.Model
+    backbone: keras.Model
+    tokenizer: object
+    classes: list[str]
+    cfg: FinetuneConfig
+
+
+def _columns(cfg: FinetuneConfig) -> labelled.Columns:
+    return labelled.Columns(cfg.label_column, cfg.text_column, cfg.header, cfg.file_format)
+
+
+def _tokenizer_files(directory: str) -> dict[str, bytes]:
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def _prepare_model_dir(cfg: FinetuneConfig, classes: list[str], model_cfg: ModelConfig) -> None:
+    """Writes finetune.json and the tokenizer copy, or checks that a resumed dir matches."""
+    path = os.path.join(cfg.model_dir, FINETUNE_FILE)
+    tokenizer_src, tokenizer_dst = os.path.join(cfg.pretrained_dir, TOKENIZER_DIR), os.path.join(cfg.model_dir, TOKENIZER_DIR)
+    record = {"config": dataclasses.asdict(cfg), "classes": classes, "backbone": dataclasses.asdict(model_cfg)}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["classes"] != classes:
+            raise CheckpointError(f"{cfg.model_dir} was fine-tuned for classes {saved['classes']}, this data has "
+                                  f"{classes}; use another --model_dir")
+        if saved["backbone"] != record["backbone"] or saved["config"]["pooling"] != cfg.pooling:
+            raise CheckpointError(f"{cfg.model_dir} holds a classifier of another architecture; use another --model_dir")
+        if _tokenizer_files(tokenizer_dst) != _tokenizer_files(tokenizer_src):
+            raise CheckpointError(f"the tokenizer of --pretrained_dir={cfg.pretrained_dir} differs from the one "
+                                  f"{cfg.model_dir} was fine-tuned with")
+    os.makedirs(cfg.model_dir, exist_ok=True)
+    if not os.path.isdir(tokenizer_dst):
+        tmp = f"{tokenizer_dst}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(tokenizer_src, tmp)
+        atomic.replace_dir(tmp, tokenizer_dst)
+    atomic.write_json(path, record)
+
+
+def _load_data(cfg: FinetuneConfig, tokenizer):
+    cols = _columns(cfg)
+    train = labelled.read_examples(cfg.train_file, cols)
+    if cfg.max_train_examples:
+        train = labelled.Examples(train.texts[: cfg.max_train_examples], train.labels[: cfg.max_train_examples], train.path)
+    classes = labelled.label_vocabulary(train, cfg.num_classes)
+    val = labelled.read_examples(cfg.validation_file, cols)
+    train_ids, val_ids = labelled.label_ids(train, classes), labelled.label_ids(val, classes)
+    train_rows = labelled.rows(labelled.encode(tokenizer, train.texts, cfg.max_length), train_ids)
+    val_rows = labelled.rows(labelled.encode(tokenizer, val.texts, cfg.max_length), val_ids)
+    return classes, train_rows, val_rows
+
+
+def evaluate_rows(model: keras.Model, rows: np.ndarray, classes: list[str], batch_size: int) -> dict:
+    """Exact across ranks: rank r scores rows r, r+N, ...; confusion counts and float64 loss sums
+    are summed over ranks, so the report is the same at any world size."""
+    world = distributed.world()
+    mine = rows[world.rank::world.size]
+    pad = (-len(mine)) % batch_size
+    if pad or not len(mine):
+        filler = np.zeros((pad or batch_size, rows.shape[1]), np.int32)
+        filler[:, 0], filler[:, 1] = labelled.NO_LABEL, 1
+        mine = np.concatenate([mine, filler])
+    predict = _predict_fn(model)
+    confusion = np.zeros((len(classes), len(classes)), np.float64)
+    loss_sum = 0.0
+    for start in range(0, len(mine), batch_size):
+        batch = mine[start:start + batch_size]
+        logits = predict(tf.constant(batch)).numpy().astype(np.float64)
+        labels = batch[:, 0]
+        real = labels != labelled.NO_LABEL
+        logits, labels = logits[real], labels[real]
+        log_z = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+        loss_sum += float(np.sum(log_z - logits[np.arange(len(labels)), labels]))
+        np.add.at(confusion, (labels, logits.argmax(1)), 1)
+    totals = distributed.allreduce_sum(np.append(confusion.ravel(), loss_sum))
+    return classification_report(np.rint(totals[:-1]).reshape(confusion.shape), float(totals[-1]), classes)
+
+
+def _predict_fn(model):
+    fn = getattr(model, "_tfllm_predict", None)
+    if fn is None:
+        fn = tf.function(lambda b: model(labelled.split_rows(b)[0], training=False), reduce_retracing=True)
+        model._tfllm_predict = fn
+    return fn
+
+
+def finetune(cfg: FinetuneConfig, log=print) -> dict:
+    world = distributed.init()
+    say = log if world.is_chief else (lambda *a, **k: None)
+    cfg.validate()
+    keras.mixed_precision.set_global_policy("float32")
+    keras.utils.set_random_seed(cfg.seed)
+    pretrained = load_trained_model(cfg.pretrained_dir)
+    context = pretrained.config.model.max_sequence_length
+    if pretrained.config.model.family == "gpt2" and cfg.max_length > context:
+        raise ConfigError(f"--max_length={cfg.max_length} exceeds the pretrained model's context ({context} positions)")
+    classes, train_rows, val_rows = _load_data(cfg, pretrained.tokenizer)
+    _agree(lambda: _prepare_model_dir(cfg, classes, pretrained.config.model))
+    if cfg.init == "scratch":  # same architecture and tokenizer, fresh weights
+        backbone = build_causal_lm(pretrained.config.model).backbone
+    else:
+        backbone = pretrained.model.backbone
+    model = build_classifier(backbone, len(classes), cfg.pooling, cfg.classifier_dropout)
+    optimizer = make_optimizer(cfg.optimizer, cfg.train_steps, world.size, model, "float32")
+    weights = balanced_class_weights(train_rows[:, 0], len(classes)) if cfg.class_weighted else None
+    loss_fn = make_loss_fn(weights)
+    clip = cfg.optimizer.clip_norm
+    full_step = TrainStep(model, optimizer, cfg.batch_size, 1, 1, clip, cfg.jit_compile, loss_fn=loss_fn)
+    full_step.build()
+    head_step = TrainStep(model, optimizer, cfg.batch_size, 1, 1, clip, cfg.jit_compile, loss_fn=loss_fn,
+                          variables=head_variables(model, backbone))
+
+    manager = CheckpointManager(cfg.model_dir, keep=cfg.keep_checkpoints)
+    variables = list(model.variables) + list(optimizer.variables)
+    state = {"step": 0, "best_accuracy": -1.0, "evals_without_gain": 0}
+    latest = manager.latest()
+    if latest:
+        state.update(manager.restore(latest, variables))
+        say(f"resumed from {latest} (step {state['step']})")
+    sync_state(model, optimizer)
+    batches = labelled.Batches(train_rows, cfg.batch_size, world.rank, world.size, cfg.seed)
+    writer = SummaryWriter(os.path.join(cfg.model_dir, "tb"), world.is_chief)
+    say(f"fine-tuning {len(classes)} classes {classes}: {len(train_rows)} training, {len(val_rows)} validation "
+        f"examples; init={cfg.init}; {world.size} rank(s) x batch {cfg.batch_size}")
+
+    step, report, stopped_early = state["step"], None, False
+    while step < cfg.train_steps and not stopped_early:
+        stepper = head_step if step < cfg.freeze_backbone_steps else full_step
+        metrics = stepper(tf.constant(batches(step))[None])
+        step += 1
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+            from tfllm.train import TrainingError
+            raise TrainingError(f"non-finite loss {loss} at step {step}; last checkpoint: {manager.latest()}")
+        if step % cfg.log_every == 0 or step == cfg.train_steps:
+            values = {"loss": loss, "accuracy": float(metrics["accuracy"]), "learning_rate": current_lr(optimizer),
+                      "grad_norm": float(metrics["grad_norm"])}
+            writer.scalars("train", step, values)
+            say(f"step {step}/{cfg.train_steps} loss={loss:.4f} acc={values['accuracy']:.3f} lr={values['learning_rate']:.2e}")
+            if world.is_chief:
+                with open(os.path.join(cfg.model_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step, **values}) + "\n")
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.train_steps:
+            report = evaluate_rows(model, val_rows, classes, cfg.batch_size)
+            gained = report["accuracy"] > state["best_accuracy"]
+            state["best_accuracy"] = max(state["best_accuracy"], report["accuracy"])
+            state["evals_without_gain"] = 0 if gained else state["evals_without_gain"] + 1
+            stopped_early = bool(cfg.early_stopping_patience and state["evals_without_gain"] >= cfg.early_stopping_patience)
+            say(f"validation step {step}: accuracy={report['accuracy']:.4f} loss={report['loss']:.4f}"
+                + (" (best)" if gained else "") + (" - early stop" if stopped_early else ""))
+            writer.scalars("validation", step, {"loss": report["loss"], "accuracy": report["accuracy"],
+                                                "macro_f1": report["macro_f1"]})
+            if world.is_chief:
+                writer.image("validation", step, "confusion_matrix", confusion_png(report["confusion"], classes))
+                manager.save(step, variables, {**state, "accuracy": report["accuracy"]}, val_loss=1.0 - report["accuracy"])
+            writer.flush()
+    distributed.barrier()
+    writer.close()
+    final = report or evaluate_rows(model, val_rows, classes, cfg.batch_size)
+    say(format_report(final, classes))
+    return {"step": step, "validation": final, "best_accuracy": state["best_accuracy"], "stopped_early": stopped_early}
+
+
+def load_classifier(model_dir: str, checkpoint: str | None = "best") -> Classifier:
+    path = os.path.join(model_dir, FINETUNE_FILE)
+    if not os.path.exists(path):
+        raise ConfigError(f"{model_dir}: no {FINETUNE_FILE} (not a model dir written by pipelines.finetune)")
+    with open(path) as f:
+        record = json.load(f)
+    cfg = FinetuneConfig.from_dict(record["config"])
+    keras.mixed_precision.set_global_policy("float32")
+    backbone = build_causal_lm(ModelConfig(**record["backbone"])).backbone
+    model = build_classifier(backbone, len(record["classes"]), cfg.pooling, cfg.classifier_dropout)
+    manager = CheckpointManager(model_dir)
+    manager.restore(manager.resolve(checkpoint if manager.best() or checkpoint != "best" else "latest"),
+                    model.variables, model_only=True)
+    return Classifier(model, backbone, load_tokenizer(os.path.join(model_dir, TOKENIZER_DIR)), record["classes"], cfg)
+
+
+def evaluate_file(clf: Classifier, path: str, batch_size: int = 64) -> dict:
+    cols = _columns(clf.cfg)
+    examples = labelled.read_examples(path, cols)
+    rows = labelled.rows(labelled.encode(clf.tokenizer, examples.texts, clf.cfg.max_length),
+                         labelled.label_ids(examples, clf.classes))
+    return evaluate_rows(clf.model, rows, clf.classes, batch_size)
+
+
+def predict(clf: Classifier, texts: list[str], batch_size: int = 64) -> list[tuple[str, float]]:
+    serving = ClassifierServing(clf.model, clf.tokenizer, clf.classes, clf.cfg.max_length)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        result = serving.classify(tf.constant(texts[start:start + batch_size]))
+        out += [(label.decode(), float(p)) for label, p in zip(result["label"].numpy(), result["probability"].numpy())]
+    return out
+
+
+def export_classifier(clf: Classifier, out_dir: str, overwrite: bool = False) -> str:
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise ConfigError(f"{out_dir}: output path exists (pass --overwrite to replace it)")
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        module = ClassifierServing(clf.model, clf.tokenizer, clf.classes, clf.cfg.max_length)
+        tf.saved_model.save(module, os.path.join(tmp, "saved_model"), signatures={"classify": module.classify})
+        atomic.write_json(os.path.join(tmp, "classes.json"), clf.classes)
+        atomic.replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,201 @@
+"""Labelled text for classification: TSV/CSV/JSONL reading, label vocabularies, token batches.
+
+Rows are read in full and checked before training starts: a missing column, an empty text, a
+label the training data never showed, or a training file with a single class is a one-line
+`LabelledDataError` naming the file and line. Labels are class names (strings); when every
+label is an integer they are ordered numerically, so "0"/"1" map to classes 0/1.
+
+An example is encoded as one int32 row `[label, <eod>, tokens..., <pad>...]` of length
+1 + max_length: the label rides in column 0 so that classification batches travel through the
+same distributed step as language-model windows. <eod> first, because pretraining saw every
+document begin after one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
+
+FORMATS = ("auto", "tsv", "csv", "jsonl")
+NO_LABEL = -1  # rows added to fill a last evaluation batch; excluded from every metric
+
+
+class LabelledDataError(ValueError):
+    """Unusable labelled data; the message names the file (and line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    label: str = "label"
+    text: str = "sentence"  # or several names, comma-separated: the first one a file has is used
+    header: bool = True  # without a header, columns are 0-based indices
+    file_format: str = "auto"
+
+
+@dataclasses.dataclass
+class Examples:
+    texts: list[str]
+    labels: list[str]  # class names as written in the file
+    path: str
+
+
+def _format(path: str, file_format: str) -> str:
+    if file_format != "auto":
+        return file_format
+    ext = os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower()
+    return {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(ext, "tsv")
+
+
+def read_examples(path: str, cols: Columns) -> Examples:
+    if not path:
+        raise LabelledDataError("no labelled file given")
+    if not os.path.isfile(path):
+        raise LabelledDataError(f"{path}: no such file")
+    fmt = _format(path, cols.file_format)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = _jsonl_rows(f, path, cols) if fmt == "jsonl" else _delimited_rows(f, path, cols, fmt)
+            texts, labels = [], []
+            for line, label, text in rows:
+                if label is None or str(label).strip() == "":
+                    raise LabelledDataError(f"{path}:{line}: empty label")
+                if text is None or not str(text).strip():
+                    raise LabelledDataError(f"{path}:{line}: empty text")
+                texts.append(str(text))
+                labels.append(str(label).strip())
+    except UnicodeDecodeError as e:
+        raise LabelledDataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not texts:
+        raise LabelledDataError(f"{path}: no examples")
+    return Examples(texts, labels, path)
+
+
+def _delimited_rows(f, path, cols, fmt):
+    # TSV as GLUE writes it: no quoting, so quotes inside sentences stay literal.
+    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.reader(f)
+    header = next(reader, None)
+    if header is None:
+        raise LabelledDataError(f"{path}: empty file")
+    if cols.header:
+        texts = [c for c in cols.text.split(",") if c in header]
+        missing = [cols.label] if cols.label not in header else [] if texts else [cols.text]
+        if missing:
+            raise LabelledDataError(f"{path}: no column {missing[0]!r} in the header (columns: {', '.join(header)})")
+        li, ti = header.index(cols.label), header.index(texts[0])
+        first = []
+    else:
+        try:
+            li, ti = int(cols.label), int(cols.text)
+        except ValueError:
+            raise LabelledDataError(f"{path}: without a header, --label_column and --text_column are column "
+                                    f"numbers (got {cols.label!r}, {cols.text!r})") from None
+        first = [header]
+    for n, row in enumerate(first + list(reader), start=1 if not cols.header else 2):
+        if not row:
+            continue
+        if max(li, ti) >= len(row):
+            raise LabelledDataError(f"{path}:{n}: {len(row)} columns, expected at least {max(li, ti) + 1}")
+        yield n, row[li], row[ti]
+
+
+def _jsonl_rows(f, path, cols):
+    for n, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise LabelledDataError(f"{path}:{n}: not JSON ({e})") from None
+        keys = [c for c in cols.text.split(",") if isinstance(rec, dict) and c in rec]
+        if not isinstance(rec, dict) or cols.label not in rec or not keys:
+            raise LabelledDataError(f"{path}:{n}: record lacks {cols.label!r} or {cols.text!r}")
+        yield n, rec[cols.label], rec[keys[0]]
+
+
+def label_vocabulary(train: Examples, num_classes: int = 0) -> list[str]:
+    """Class names in class-index order, from the training labels (or 0..num_classes-1)."""
+    names = sorted(set(train.labels))
+    all_int = all(_is_int(n) for n in names)
+    if num_classes:
+        if not all_int:
+            raise LabelledDataError(f"--num_classes={num_classes} needs integer labels; {train.path} has "
+                                    f"{names[0]!r}")
+        bad = [n for n in names if not 0 <= int(n) < num_classes]
+        if bad:
+            raise LabelledDataError(f"{train.path}: label {bad[0]} outside 0..{num_classes - 1} (--num_classes)")
+        return [str(i) for i in range(num_classes)]
+    if len(names) < 2:
+        raise LabelledDataError(f"{train.path}: every example has label {names[0]!r}; a classifier needs 2 classes or more")
+    return sorted(names, key=int) if all_int else names
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+def label_ids(examples: Examples, classes: list[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    if all(_is_int(c) for c in classes):  # "01" and "1" are the same class
+        index.update({str(int(c)): i for i, c in enumerate(classes)})
+    ids = []
+    for n, label in enumerate(examples.labels):
+        key = label if label in index else (str(int(label)) if _is_int(label) else label)
+        if key not in index:
+            raise LabelledDataError(f"{examples.path}: label {label!r} (example {n + 1}) is not among the "
+                                    f"training labels {classes}")
+        ids.append(index[key])
+    return np.asarray(ids, np.int32)
+
+
+def encode(tokenizer: Tokenizer, texts: list[str], max_length: int, batch: int = 4096) -> np.ndarray:
+    """[N, max_length] int32 token rows: <eod>, then the text's first max_length - 1 tokens, padded."""
+    out = np.full((len(texts), max_length), PAD_ID, np.int32)
+    for start in range(0, len(texts), batch):
+        ragged = tokenizer.tokenize(tf.constant(texts[start:start + batch]))[:, : max_length - 1]
+        dense = ragged.to_tensor(default_value=PAD_ID, shape=[None, max_length - 1]).numpy()
+        out[start:start + len(dense), 0] = EOD_ID
+        out[start:start + len(dense), 1:] = dense
+    return out
+
+
+def rows(tokens: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[N, 1 + max_length] rows with the label in column 0."""
+    return np.concatenate([labels.astype(np.int32)[:, None], tokens], axis=1)
+
+
+def split_rows(batch: tf.Tensor):
+    """(features dict, labels) of a [B, 1 + T] batch of rows."""
+    labels, tokens = batch[:, 0], batch[:, 1:]
+    return {"token_ids": tokens, "padding_mask": tokens != PAD_ID}, labels
+
+
+class Batches:
+    """Deterministic per-rank training batches: step s of a run is a pure function of
+    (seed, s, world size), so a resumed run continues with exactly the batches it would have seen."""
+
+    def __init__(self, data: np.ndarray, batch_size: int, rank: int, size: int, seed: int):
+        self.data, self.batch, self.rank, self.size, self.seed = data, batch_size, rank, size, seed
+        self.global_batch = batch_size * size
+        self.steps_per_epoch = len(data) // self.global_batch
+        if self.steps_per_epoch < 1:
+            raise LabelledDataError(f"{len(data)} training examples cannot fill one global batch of "
+                                    f"{self.global_batch} ({size} ranks x --batch_size={batch_size})")
+        self._epoch, self._order = -1, None
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+        start = index * self.global_batch + self.rank * self.batch
+        return self.data[self._order[start:start + self.batch]]
