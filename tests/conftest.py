@@ -12,6 +12,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+SST2 = SHARED / "data" / "sst2"
 BIN = pathlib.Path(sys.executable).parent
 
 
@@ -65,3 +66,16 @@ def trained_model_dir(tmp_path_factory):
     pretrain(tmp / "model", "--train_steps=30", "--eval_every=0", "--checkpoint_every=15", "--sample_prompt=",
              data_dir=tmp / "data")
     return tmp / "model"
+
+
+@pytest.fixture(scope="session")
+def sst2_slice(tmp_path_factory):
+    """The first 1,200 SST-2 training phrases and 120 dev sentences."""
+    if not SST2.exists():
+        pytest.skip(f"{SST2} not present")
+    out = tmp_path_factory.mktemp("sst2")
+    train = (SST2 / "train.tsv").read_text().splitlines()
+    dev = (SST2 / "dev.tsv").read_text().splitlines()
+    (out / "train.tsv").write_text("\n".join(train[:1201]) + "\n")
+    (out / "dev.tsv").write_text("\n".join(dev[:121]) + "\n")
+    return out

@@ -1,22 +1,4 @@
-"""A small SST-2 slice and the fine-tuning command line, shared by the fine-tuning tests."""
-
-import pytest
-
-from conftest import SHARED
-
-SST2 = SHARED / "data" / "sst2"
-
-
-@pytest.fixture(scope="module")
-def sst2_slice(tmp_path_factory):
-    if not SST2.exists():
-        pytest.skip(f"{SST2} not present")
-    out = tmp_path_factory.mktemp("sst2")
-    train = (SST2 / "train.tsv").read_text().splitlines()
-    dev = (SST2 / "dev.tsv").read_text().splitlines()
-    (out / "train.tsv").write_text("\n".join(train[:1201]) + "\n")
-    (out / "dev.tsv").write_text("\n".join(dev[:121]) + "\n")
-    return out
+"""The fine-tuning command line shared by the fine-tuning tests (data: conftest's sst2_slice)."""
 
 
 def finetune_args(pretrained, model_dir, data, *extra):

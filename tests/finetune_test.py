@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import run
-from finetune_helpers import finetune_args, sst2_slice  # noqa: F401  (fixture)
+from finetune_helpers import finetune_args
 from tfllm import labelled
 from tfllm.classifier import SequencePooling, balanced_class_weights, classification_report
 

@@ -35,3 +35,19 @@ def replace_dir(tmp_dir: str, final_dir: str) -> None:
     else:
         os.makedirs(os.path.dirname(final_dir) or ".", exist_ok=True)
         os.rename(tmp_dir, final_dir)
+
+
+def build_dir(final_dir: str, build) -> str:
+    """Calls `build(tmp_dir)` on a fresh temporary directory beside `final_dir`, then moves it into
+    place (replacing what was there); on any failure the temporary directory is removed."""
+    final_dir = os.path.abspath(final_dir)
+    tmp = f"{final_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        build(tmp)
+        replace_dir(tmp, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final_dir

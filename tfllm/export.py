@@ -15,7 +15,6 @@ needs only `import tensorflow, tensorflow_text` to load it:
 from __future__ import annotations
 
 import os
-import shutil
 
 import keras
 import keras_hub
@@ -75,17 +74,11 @@ def export(model: keras.Model, tokenizer: Tokenizer, context: int, out_dir: str,
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise ConfigError(f"{out_dir}: output path exists (pass --overwrite to replace it)")
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+
+    def build(tmp: str) -> None:
         module = ServingModule(model, tokenizer, context)
         tf.saved_model.save(module, os.path.join(tmp, "saved_model"),
                             signatures={"generate": module.generate, "score": module.score})
         model.save(os.path.join(tmp, "model.keras"))
         tokenizer.save(os.path.join(tmp, "tokenizer"))
-        atomic.replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return atomic.build_dir(out_dir, build)

@@ -240,15 +240,9 @@ def export_classifier(clf: Classifier, out_dir: str, overwrite: bool = False) ->
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise ConfigError(f"{out_dir}: output path exists (pass --overwrite to replace it)")
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+
+    def build(tmp: str) -> None:
         module = ClassifierServing(clf.model, clf.tokenizer, clf.classes, clf.cfg.max_length)
         tf.saved_model.save(module, os.path.join(tmp, "saved_model"), signatures={"classify": module.classify})
         atomic.write_json(os.path.join(tmp, "classes.json"), clf.classes)
-        atomic.replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return atomic.build_dir(out_dir, build)

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from conftest import run
-from finetune_helpers import finetune_args, sst2_slice  # noqa: F401  (fixture)
+from finetune_helpers import finetune_args
 
 
 def _report(stdout: str) -> dict:
