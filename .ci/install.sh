@@ -32,7 +32,8 @@ die() { printf '[install] ERROR: %s\n' "$*" >&2; exit 1; }
 START=$SECONDS
 
 # ---------------------------------------------------------------- system packages
-APT_PACKAGES=(cmake g++ make libopenmpi-dev openmpi-bin libhighwayhash-dev libfarmhash-dev)
+# libtcmalloc-minimal4: the pipelines run on tcmalloc (tfllm/malloc.py), 1.3-1.5x faster on CPU.
+APT_PACKAGES=(cmake g++ make libopenmpi-dev openmpi-bin libhighwayhash-dev libfarmhash-dev libtcmalloc-minimal4)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

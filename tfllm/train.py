@@ -25,6 +25,7 @@ from tfllm.data.corpus import CorpusError
 from tfllm.data.pipeline import DataError, WindowDataset
 from tfllm.data.prepare import ensure_prepared
 from tfllm.evaluate import evaluate, make_eval_fn
+from tfllm.malloc import active_allocator
 from tfllm.generate import SamplingConfig, generate_text
 from tfllm.models import build_causal_lm, count_params, flops_per_token, perplexity
 from tfllm.restore import CONFIG_FILE, TOKENIZER_DIR
@@ -175,7 +176,8 @@ def pretrain(cfg: Config, log=print) -> dict:
                         "world_size": world.size, "tokenizer": manifest["tokenizer"]["kind"]})
     say(f"model {cfg.model.family}: {n_params:,} parameters, {fpt:,} FLOPs/token; data {train_ds.num_windows:,} "
         f"train windows of {seq_len}; world {world.size} ({world.backend}); device {device}; "
-        f"global batch {tcfg.batch_size * tcfg.grad_accum_steps * world.size} x {seq_len} tokens")
+        f"global batch {tcfg.batch_size * tcfg.grad_accum_steps * world.size} x {seq_len} tokens; "
+        f"malloc {active_allocator()}")
 
     tokenizer = load_tokenizer(os.path.join(tcfg.model_dir, TOKENIZER_DIR)) if world.is_chief else None
     eval_fn = make_eval_fn(model, tcfg.jit_compile)
