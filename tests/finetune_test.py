@@ -186,3 +186,27 @@ def test_bad_inputs_are_one_line_errors(trained_model_dir, sst2_slice, tmp_path)
         lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
         assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], (extra, proc.stderr[-1500:])
         assert not (model_dir / "checkpoints").exists()
+
+
+def test_class_weights_scale_each_examples_loss():
+    from tfllm.classifier import make_loss_fn
+
+    logits = tf.constant([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    model = lambda features, training: logits  # noqa: E731  (a fixed "model" for the loss alone)
+    rows = tf.constant([[0, 1, 5], [1, 1, 6], [labelled.NO_LABEL, 1, 0]], tf.int32)
+    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=[0, 1], logits=logits[:2]).numpy()
+    plain = [float(x) for x in make_loss_fn()(model, rows, False)]
+    assert plain == pytest.approx([nll.sum(), 2.0, 2.0])  # the NO_LABEL row counts for nothing
+    weighted = [float(x) for x in make_loss_fn(np.array([0.5, 3.0], np.float32))(model, rows, False)]
+    assert weighted == pytest.approx([0.5 * nll[0] + 3.0 * nll[1], 2.0, 2.0])
+
+
+def test_early_stopping_after_validations_without_gain(trained_model_dir, sst2_slice, tmp_path):
+    # A learning rate of ~0 leaves the accuracy unchanged, so the second validation brings no gain.
+    out = run(finetune_args(trained_model_dir, tmp_path / "es", sst2_slice, "--train_steps=40", "--eval_every=5",
+                            "--early_stopping_patience=1", "--learning_rate=1e-12", "--min_learning_rate=0",
+                            f"--output_json={tmp_path / 'r.json'}"))
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["stopped_early"] and result["step"] == 10 and "early stop" in out.stdout
+    index = json.loads((tmp_path / "es" / "checkpoints" / "index.json").read_text())
+    assert index["best"]["name"] == "ckpt-00000005"  # the first of equal accuracies stays the best

@@ -32,12 +32,6 @@ def test_end_to_end_writes_checkpoints_events_config_and_summary_lines(data_dir)
     assert lines[-1].startswith("tokens_per_sec=") and float(lines[-1].split("=")[1]) > 0
     assert "sample at step 12:" in proc.stdout
     assert "malloc tcmalloc" in proc.stdout  # the install provides it; pipelines re-exec onto it
-
-
-def test_malloc_opt_out(tmp_path, data_dir):
-    proc = pretrain(tmp_path / "m", "--train_steps=2", "--eval_every=0", "--sample_prompt=", data_dir=data_dir,
-                    TFLLM_MALLOC="system")
-    assert "malloc system" in proc.stdout
     assert sorted(os.listdir(model_dir / "checkpoints")) == ["ckpt-00000006", "ckpt-00000012", "index.json"]
     index = json.loads((model_dir / "checkpoints" / "index.json").read_text())
     assert index["latest"] == "ckpt-00000012" and index["best"]["name"] in ("ckpt-00000006", "ckpt-00000012")
@@ -49,6 +43,12 @@ def test_malloc_opt_out(tmp_path, data_dir):
             "perf/step_time_ms", "perf/model_flops_per_sec", "sample"} <= tags["train"]
     assert {"loss", "perplexity"} <= tags["validation"]
     assert len(logged_losses(model_dir)) == 12
+
+
+def test_malloc_opt_out(tmp_path, data_dir):
+    proc = pretrain(tmp_path / "m", "--train_steps=2", "--eval_every=0", "--sample_prompt=", data_dir=data_dir,
+                    TFLLM_MALLOC="system")
+    assert "malloc system" in proc.stdout
 
 
 def test_stop_and_resume_reproduces_the_uninterrupted_losses(tmp_path, data_dir):
