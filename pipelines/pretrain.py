@@ -10,7 +10,8 @@ Many GPU nodes (one process per GPU; the MPIJob in k8s/ runs exactly this):
         --model_dir=/shared/runs/gpt2
 Data is prepared into --data_dir (default <model_dir>/data) on first use. TensorBoard logs go to
 <model_dir>/tb. SIGTERM saves a checkpoint and exits 143; the next run resumes from it. The last
-lines printed include `val_loss=<float>` and `tokens_per_sec=<float>`.
+lines printed include `val_loss=<float>` and `tokens_per_sec=<float>` (the whole run, its first
+10 steps, which compile the step, left out; validations and checkpoints are not counted).
 """
 
 from absl import flags

@@ -147,14 +147,19 @@ def test_round_trip_pretrain_finetune_predict_export(trained_model_dir, sst2_sli
 
 
 def test_scratch_init_and_resume(trained_model_dir, sst2_slice, tmp_path):
+    # Scratch needs the architecture and the tokenizer, not the weights: a dir without checkpoints serves.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(trained_model_dir / "config.json", bare)
+    shutil.copytree(trained_model_dir / "tokenizer", bare / "tokenizer")
     model_dir = tmp_path / "scratch"
-    run(finetune_args(trained_model_dir, model_dir, sst2_slice, "--init=scratch", "--train_steps=10"))
+    run(finetune_args(bare, model_dir, sst2_slice, "--init=scratch", "--train_steps=10"))
     pretrained, scratch = _npz(trained_model_dir), _npz(model_dir)
     key = next(k for k in pretrained if "token_embedding" in k)
     scratch_key = next(k for k in scratch if "token_embedding" in k)
     assert not np.allclose(pretrained[key], scratch[scratch_key])
     # Rerunning with more steps resumes at step 10.
-    out = run(finetune_args(trained_model_dir, model_dir, sst2_slice, "--init=scratch", "--train_steps=20"))
+    out = run(finetune_args(bare, model_dir, sst2_slice, "--init=scratch", "--train_steps=20"))
     assert "resumed from" in out.stdout and "(step 10)" in out.stdout
     steps = [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20]

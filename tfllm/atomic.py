@@ -51,3 +51,8 @@ def build_dir(final_dir: str, build) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final_dir
+
+
+def copy_dir(src: str, dst: str) -> str:
+    """Copies directory `src` to `dst` through `build_dir`: `dst` is whole or absent."""
+    return build_dir(dst, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))

@@ -15,6 +15,7 @@ from tfllm import atomic
 
 TOKENIZER_KINDS = ("char", "byte", "wordpiece", "sentencepiece_unigram", "sentencepiece_bpe")
 MODEL_FAMILIES = ("gpt2", "llama")
+WEIGHT_INITS = ("gpt2", "keras_hub")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 MAX_SHARDS = 4096  # per split; preparation keeps one open file per shard
 
@@ -74,10 +75,13 @@ class ModelConfig:
     dropout: float = 0.0
     max_sequence_length: int = 64
     vocab_size: int = 0  # 0: taken from the prepared data's tokenizer
+    weight_init: str = "gpt2"  # see tfllm.models.apply_weight_init
 
     def validate(self) -> None:
         if self.family not in MODEL_FAMILIES:
             raise ConfigError(f"--model={self.family!r}: expected one of {', '.join(MODEL_FAMILIES)}")
+        if self.weight_init not in WEIGHT_INITS:
+            raise ConfigError(f"--weight_init={self.weight_init!r}: expected one of {', '.join(WEIGHT_INITS)}")
         for name in ("num_layers", "num_heads", "hidden_dim", "max_sequence_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be positive")
@@ -262,7 +266,7 @@ def model_mismatch(saved: ModelConfig, current: ModelConfig) -> list[str]:
     diffs = []
     for f in dataclasses.fields(ModelConfig):
         a, b = getattr(saved, f.name), getattr(current, f.name)
-        if f.name == "dropout":  # dropout does not change the variables; resuming with another is fine
+        if f.name in ("dropout", "weight_init"):  # neither changes the variables; resuming with another is fine
             continue
         if a != b:
             diffs.append(f"{f.name}: {a} -> {b}")

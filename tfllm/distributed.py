@@ -71,7 +71,8 @@ def _share_cpu_threads(local_size: int) -> None:
     """
     if local_size <= 1 or tf.config.list_physical_devices("GPU"):
         return
-    threads = max(1, (os.cpu_count() or 1) // local_size)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // local_size)
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))

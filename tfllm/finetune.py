@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import keras
 import numpy as np
@@ -24,11 +23,11 @@ from tfllm.classifier import (ClassifierServing, balanced_class_weights, build_c
                               confusion_png, format_report, head_variables, make_loss_fn)
 from tfllm.config import ConfigError, FinetuneConfig, ModelConfig
 from tfllm.models import build_causal_lm
-from tfllm.restore import TOKENIZER_DIR, load_trained_model
+from tfllm.restore import TOKENIZER_DIR, load_trained_model, read_model_dir
 from tfllm.step import TrainStep, sync_state
 from tfllm.summary import SummaryWriter
 from tfllm.tokenizers import load_tokenizer
-from tfllm.train import _agree, current_lr, make_optimizer
+from tfllm.train import TrainingError, _agree, current_lr, make_optimizer
 
 FINETUNE_FILE = "finetune.json"
 
@@ -72,10 +71,7 @@ def _prepare_model_dir(cfg: FinetuneConfig, classes: list[str], model_cfg: Model
                                   f"{cfg.model_dir} was fine-tuned with")
     os.makedirs(cfg.model_dir, exist_ok=True)
     if not os.path.isdir(tokenizer_dst):
-        tmp = f"{tokenizer_dst}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(tokenizer_src, tmp)
-        atomic.replace_dir(tmp, tokenizer_dst)
+        atomic.copy_dir(tokenizer_src, tokenizer_dst)
     atomic.write_json(path, record)
 
 
@@ -132,16 +128,17 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     cfg.validate()
     keras.mixed_precision.set_global_policy("float32")
     keras.utils.set_random_seed(cfg.seed)
-    pretrained = load_trained_model(cfg.pretrained_dir)
-    context = pretrained.config.model.max_sequence_length
-    if pretrained.config.model.family == "gpt2" and cfg.max_length > context:
+    # Scratch keeps the architecture and tokenizer but not the weights, so it reads no checkpoint.
+    pretrained_cfg, tokenizer = read_model_dir(cfg.pretrained_dir)
+    context = pretrained_cfg.model.max_sequence_length
+    if pretrained_cfg.model.family == "gpt2" and cfg.max_length > context:
         raise ConfigError(f"--max_length={cfg.max_length} exceeds the pretrained model's context ({context} positions)")
-    classes, train_rows, val_rows = _load_data(cfg, pretrained.tokenizer)
-    _agree(lambda: _prepare_model_dir(cfg, classes, pretrained.config.model))
-    if cfg.init == "scratch":  # same architecture and tokenizer, fresh weights
-        backbone = build_causal_lm(pretrained.config.model).backbone
+    classes, train_rows, val_rows = _load_data(cfg, tokenizer)
+    _agree(lambda: _prepare_model_dir(cfg, classes, pretrained_cfg.model))
+    if cfg.init == "scratch":
+        backbone = build_causal_lm(pretrained_cfg.model).backbone
     else:
-        backbone = pretrained.model.backbone
+        backbone = load_trained_model(cfg.pretrained_dir).model.backbone
     model = build_classifier(backbone, len(classes), cfg.pooling, cfg.classifier_dropout)
     optimizer = make_optimizer(cfg.optimizer, cfg.train_steps, world.size, model, "float32")
     weights = balanced_class_weights(train_rows[:, 0], len(classes)) if cfg.class_weighted else None
@@ -172,7 +169,6 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
         step += 1
         loss = float(metrics["loss"])
         if not np.isfinite(loss):
-            from tfllm.train import TrainingError
             raise TrainingError(f"non-finite loss {loss} at step {step}; last checkpoint: {manager.latest()}")
         if step % cfg.log_every == 0 or step == cfg.train_steps:
             values = {"loss": loss, "accuracy": float(metrics["accuracy"]), "learning_rate": current_lr(optimizer),

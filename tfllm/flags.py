@@ -10,7 +10,7 @@ import dataclasses
 
 from absl import flags
 
-from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, Config, DataConfig, FinetuneConfig,
+from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, WEIGHT_INITS, Config, DataConfig, FinetuneConfig,
                           ModelConfig, OptimizerConfig, TrainConfig)
 from tfllm.generate import STRATEGIES, SamplingConfig
 
@@ -62,6 +62,9 @@ def define_model_flags() -> None:
     flags.DEFINE_integer("hidden_dim", _M.hidden_dim, "Model width.")
     flags.DEFINE_integer("intermediate_dim", _M.intermediate_dim, "Feed-forward width (0: 4 x hidden_dim).")
     flags.DEFINE_float("dropout", _M.dropout, "Dropout rate.")
+    flags.DEFINE_enum("weight_init", _M.weight_init, WEIGHT_INITS,
+                      "gpt2: N(0, 0.02) token embeddings and N(0, 0.02/sqrt(2 x layers)) residual projections "
+                      "(GPT-2, nanoGPT); keras_hub: the backbone's own initializers.")
     flags.DEFINE_integer("max_sequence_length", _M.max_sequence_length, "Position table size (gpt2; 0: = seq_len).")
 
 
@@ -157,7 +160,7 @@ def model_config_from_flags() -> ModelConfig:
     return ModelConfig(
         family=FLAGS.model, num_layers=FLAGS.num_layers, num_heads=FLAGS.num_heads, num_kv_heads=FLAGS.num_kv_heads,
         hidden_dim=FLAGS.hidden_dim, intermediate_dim=FLAGS.intermediate_dim, dropout=FLAGS.dropout,
-        max_sequence_length=FLAGS.max_sequence_length or FLAGS.seq_len)
+        max_sequence_length=FLAGS.max_sequence_length or FLAGS.seq_len, weight_init=FLAGS.weight_init)
 
 
 def optimizer_config_from_flags() -> OptimizerConfig:

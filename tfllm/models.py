@@ -21,7 +21,33 @@ def build_causal_lm(cfg: ModelConfig) -> keras_hub.models.CausalLM:
     """The causal LM with its variables created (a call on a dummy batch), ready to restore or train."""
     model = _causal_lm(cfg)
     model(split_window(tf.zeros([1, 2], tf.int32))[0])
+    apply_weight_init(model.backbone, cfg)
     return model
+
+
+# Kernels that write into the residual stream: each layer adds two (attention output, FFN output).
+RESIDUAL_PROJECTIONS = ("self_attention/attention_output/kernel", "feedforward_output_dense/kernel")
+
+
+def apply_weight_init(backbone: keras.Model, cfg: ModelConfig) -> None:
+    """GPT-2's initialisation (Radford et al. 2019, as in nanoGPT) over keras-hub's defaults.
+
+    keras-hub draws token embeddings from N(0, 0.01) and every kernel from N(0, 0.02). GPT-2
+    uses 0.02 for the (tied) embeddings and scales the residual projections by 1/sqrt(2 L), so
+    that the residual stream's variance at initialisation does not grow with depth. On tiny
+    Shakespeare this lowers nanoGPT's baby-GPT validation loss by about 0.02.
+    """
+    if cfg.weight_init == "keras_hub":
+        return
+    residual_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+    projections = [v for v in backbone.weights if v.path.endswith(RESIDUAL_PROJECTIONS)]
+    if len(projections) != 2 * cfg.num_layers:  # keras-hub renamed its layers: fail loudly, not silently
+        raise ConfigError(f"--weight_init=gpt2 found {len(projections)} residual projections in the "
+                          f"{cfg.family} backbone, expected {2 * cfg.num_layers}; use --weight_init=keras_hub")
+    for v in projections:
+        v.assign(keras.initializers.RandomNormal(stddev=residual_std)(v.shape, v.dtype))
+    embedding = backbone.token_embedding.embeddings
+    embedding.assign(keras.initializers.RandomNormal(stddev=0.02)(embedding.shape, embedding.dtype))
 
 
 def _causal_lm(cfg: ModelConfig) -> keras_hub.models.CausalLM:

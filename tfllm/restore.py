@@ -25,7 +25,8 @@ class TrainedModel:
     step: int
 
 
-def load_trained_model(model_dir: str, checkpoint: str | None = "latest") -> TrainedModel:
+def read_model_dir(model_dir: str) -> tuple[Config, Tokenizer]:
+    """The config and tokenizer of a model dir, checked against each other; no weights."""
     if not model_dir:
         raise ConfigError("--model_dir is required")
     if not os.path.isdir(model_dir):
@@ -38,6 +39,11 @@ def load_trained_model(model_dir: str, checkpoint: str | None = "latest") -> Tra
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise CheckpointError(f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens, the model "
                               f"{cfg.model.vocab_size}")
+    return cfg, tokenizer
+
+
+def load_trained_model(model_dir: str, checkpoint: str | None = "latest") -> TrainedModel:
+    cfg, tokenizer = read_model_dir(model_dir)
     manager = CheckpointManager(model_dir)
     path = manager.resolve(checkpoint)
     # Inference runs in float32 whatever the training policy was; the variables are float32 anyway.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import time
 
@@ -33,6 +32,9 @@ from tfllm.step import TrainStep, sync_state
 from tfllm.summary import SummaryWriter, device_peak_flops
 from tfllm.tokenizers import load_tokenizer
 
+
+
+WARMUP_STEPS = 10
 
 
 class TrainingError(RuntimeError):
@@ -63,7 +65,7 @@ def make_optimizer(cfg: OptimizerConfig, train_steps: int, world_size: int, mode
                                        beta_2=cfg.beta2, epsilon=cfg.epsilon)
     excluded = []
     for v in model.trainable_variables:
-        is_bias = len(v.shape) < 2 and "bias" in v.path
+        is_bias = v.path.rsplit("/", 1)[-1] == "bias"  # attention biases are 2-D ([heads, head_dim])
         is_norm_or_embedding = len(v.shape) < 2 or "embedding" in v.path
         if is_bias or (is_norm_or_embedding and not cfg.decay_embeddings_and_norms):
             excluded.append(v)
@@ -150,9 +152,7 @@ def pretrain(cfg: Config, log=print) -> dict:
         # The model dir carries its own tokenizer so that it stays usable without the data dir.
         tok_dir = os.path.join(tcfg.model_dir, TOKENIZER_DIR)
         if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-            tmp = f"{tok_dir}.tmp-{os.getpid()}"
-            shutil.copytree(os.path.join(cfg.data.data_dir, "tokenizer"), tmp, dirs_exist_ok=True)
-            atomic.replace_dir(tmp, tok_dir)
+            atomic.copy_dir(os.path.join(cfg.data.data_dir, "tokenizer"), tok_dir)
         latest = ckpts.latest()
         return ckpts.restore(latest, state_vars) if latest else {}
 
@@ -211,6 +211,9 @@ def pretrain(cfg: Config, log=print) -> dict:
             "epoch": epoch, "world_size": world.size, "batch_size": tcfg.batch_size,
             "grad_accum_steps": tcfg.grad_accum_steps, "tokens_seen": tokens_seen}, val_loss)
 
+    def run_rate() -> float:
+        return run_tokens / run_time if run_time else tokens_per_sec
+
     signalled = []
     previous = {s: signal.signal(s, lambda signum, frame: signalled.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
     stream = train_ds.stream(start * tcfg.grad_accum_steps, world.rank, world.size, tcfg.batch_size, tcfg.seed,
@@ -225,6 +228,8 @@ def pretrain(cfg: Config, log=print) -> dict:
     # checkpoints are kept out of it.
     window_tokens, window_time, window_steps = 0.0, 0.0, 0
     tokens_per_sec = 0.0
+    # The run's figure leaves out its first steps, which compile the step (seconds with XLA).
+    run_tokens, run_time = 0.0, 0.0
     try:
         while step < end:
             started = time.perf_counter()
@@ -234,13 +239,17 @@ def pretrain(cfg: Config, log=print) -> dict:
                 micro.append(batch)
             metrics = {k: float(v) for k, v in step_fn(micro, stop_requested=bool(signalled)).items()}
             step += 1
-            window_time += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            window_time += elapsed
             if not math.isfinite(metrics["loss"]):
                 raise TrainingError(f"non-finite loss ({metrics['loss']}) at step {step}; "
                                     f"the last good checkpoint is {ckpts.latest() or 'none'}")
             tokens_seen += metrics["tokens"]
             window_tokens += metrics["tokens"]
             window_steps += 1
+            if step - start > WARMUP_STEPS:
+                run_tokens += metrics["tokens"]
+                run_time += elapsed
             history.append(metrics["loss"])
             if metrics["stop"] > 0:
                 path = save(step, epoch, None, tokens_seen)
@@ -275,7 +284,7 @@ def pretrain(cfg: Config, log=print) -> dict:
             path = save(step, epoch, None, tokens_seen)
             say(f"stopped after {step - start} steps at step {step} (--stop_after); rerun to continue; "
                 f"checkpoint: {path}")
-            return {"step": step, "val_loss": last_val, "tokens_per_sec": tokens_per_sec, "losses": history,
+            return {"step": step, "val_loss": last_val, "tokens_per_sec": run_rate(), "losses": history,
                     "checkpoint": path}
         final_val = validate(step)
         last_val = final_val["loss"] if final_val else last_val
@@ -285,7 +294,7 @@ def pretrain(cfg: Config, log=print) -> dict:
         if text is not None:
             say(f"sample at step {step}:\n{text}")
         say(f"checkpoint: {path}\nTensorBoard: {os.path.join(tcfg.model_dir, 'tb')}")
-        return {"step": step, "val_loss": last_val, "tokens_per_sec": tokens_per_sec, "losses": history,
+        return {"step": step, "val_loss": last_val, "tokens_per_sec": run_rate(), "losses": history,
                 "checkpoint": path}
     finally:
         for s, handler in previous.items():

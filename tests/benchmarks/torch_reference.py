@@ -7,6 +7,8 @@ embeddings, N(0, 0.02) init with 0.02/sqrt(2L) residual projections); loop as it
 on CPU (random windows, AdamW betas (0.9, 0.99), weight decay on 2-D weights, clip 1.0, no
 torch.compile). Run with a venv that has torch:
     python tests/benchmarks/torch_reference.py ../shared/data/tinyshakespeare.txt --steps 300
+    python tests/benchmarks/torch_reference.py ../shared/data/tinyshakespeare.txt --steps 2000 --schedule --eval
+(the second is nanoGPT's full 2000-step run, scored like tfllm: every validation character once)
 """
 
 import argparse
@@ -57,27 +59,62 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
+def lr_at(step, a):
+    """nanoGPT's get_lr: linear warmup, then cosine from lr to min_lr over the run."""
+    if step < a.lr_warmup:
+        return a.lr * (step + 1) / (a.lr_warmup + 1)
+    ratio = min(1.0, (step - a.lr_warmup) / max(1, a.steps - a.lr_warmup))
+    return a.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (a.lr - a.min_lr)
+
+
+@torch.no_grad()
+def full_split_loss(model, data, ctx):
+    """Mean loss over every token of the split: windows of ctx + 1 overlapping by one, as tfllm's."""
+    model.eval()
+    n = (len(data) - 1) // ctx
+    windows = np.stack([data[i * ctx: i * ctx + ctx + 1] for i in range(n)])
+    total = 0.0
+    for start in range(0, n, 64):
+        w = torch.from_numpy(windows[start:start + 64])
+        total += float(model(w[:, :-1].contiguous(), w[:, 1:].contiguous())) * len(w)
+    model.train()
+    return total / n
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("corpus")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=20, help="untimed steps before the timed ones")
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--ctx", type=int, default=64)
+    p.add_argument("--schedule", action="store_true", help="nanoGPT's warmup + cosine schedule over --steps")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min_lr", type=float, default=1e-4)
+    p.add_argument("--lr_warmup", type=int, default=100)
+    p.add_argument("--eval", action="store_true", help="report the loss over the whole validation split")
+    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     text = open(a.corpus, encoding="utf-8").read()
     chars = sorted(set(text))
     lookup = {c: i for i, c in enumerate(chars)}
-    data = np.array([lookup[c] for c in text[: int(0.9 * len(text))]], np.int64)
-    torch.manual_seed(0)
+    ids = np.array([lookup[c] for c in text], np.int64)
+    cut = int(0.9 * len(text))
+    data, val = ids[:cut], ids[cut:]
+    torch.manual_seed(a.seed)
     model = GPT(len(chars), a.ctx, 4, 4, 128)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.99))
-    rng = np.random.default_rng(0)
-    times = []
-    for step in range(a.warmup + a.steps):
+                            lr=a.lr, betas=(0.9, 0.99))
+    rng = np.random.default_rng(a.seed)
+    step_times, loop_times = [], []
+    total = a.steps if a.schedule else a.warmup + a.steps
+    for step in range(total):
+        started = time.perf_counter()
+        if a.schedule:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, a)
         ix = rng.integers(0, len(data) - a.ctx - 1, a.batch)
         x = torch.from_numpy(np.stack([data[i:i + a.ctx] for i in ix]))
         y = torch.from_numpy(np.stack([data[i + 1:i + 1 + a.ctx] for i in ix]))
@@ -87,11 +124,17 @@ def main():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        loss_value = loss.item()  # nanoGPT reads the loss every iteration too
+        now = time.perf_counter()
         if step >= a.warmup:
-            times.append(time.perf_counter() - t)
-    med = float(np.median(times))
-    print(f"torch_threads={torch.get_num_threads()} step_ms={1000 * med:.2f} "
-          f"tokens_per_sec={a.batch * a.ctx / med:.1f} params={sum(p.numel() for p in model.parameters())}")
+            step_times.append(now - t)
+            loop_times.append(now - started)
+    step_med, loop_mean = float(np.median(step_times)), float(np.mean(loop_times))
+    print(f"torch_threads={torch.get_num_threads()} step_ms={1000 * step_med:.2f} "
+          f"tokens_per_sec={a.batch * a.ctx / step_med:.1f} loop_tokens_per_sec={a.batch * a.ctx / loop_mean:.1f} "
+          f"params={sum(p.numel() for p in model.parameters())} train_loss={loss_value:.4f}")
+    if a.eval:
+        print(f"val_loss={full_split_loss(model, val, a.ctx):.4f}")
 
 
 if __name__ == "__main__":
