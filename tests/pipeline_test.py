@@ -134,3 +134,10 @@ def test_default_shuffle_buffer_spans_the_whole_split(four_shards):
 
     assert spread(0) > 0.5  # the automatic buffer draws the first batches from the whole split
     assert spread(8) < 0.2  # a small buffer keeps them in one stretch of text
+
+
+def test_epochs_run_without_tf_data_autotuning(four_shards):
+    """Autotuning made destroying each epoch's iterator wait up to 60 s for its sleeping thread."""
+    ds = WindowDataset(four_shards)
+    assert ds.epoch(0, 0, 1, 16, 0).options().autotune.enabled is False
+    assert ds.epoch(0, 0, 1, 16, 0, shuffle=False, drop_remainder=False).options().autotune.enabled is False

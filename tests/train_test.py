@@ -113,6 +113,14 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path
             assert all(np.all(np.isfinite(z[k])) for k in z.files if z[k].dtype.kind == "f")
 
 
+def test_batch_that_does_not_split_into_parallel_slices_is_refused_before_any_work(tmp_path, data_dir):
+    proc = pretrain(tmp_path / "slices", "--parallel_slices=3", check=False, data_dir=data_dir)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "error: --batch_size=8 does not split into --parallel_slices=3 equal slices"
+    assert not (tmp_path / "slices").exists()
+
+
 def test_data_dir_with_other_tokenizer_vocab_is_refused(tmp_path, data_dir):
     model_dir, _ = pytest.first_run
     proc = pretrain(model_dir, "--train_steps=12", "--tokenizer=byte", check=False, data_dir=tmp_path / "bytes")

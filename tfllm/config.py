@@ -126,6 +126,7 @@ class TrainConfig:
     model_dir: str = ""
     batch_size: int = 8  # per rank, per micro-batch
     grad_accum_steps: int = 1
+    parallel_slices: int = 1  # concurrent forward/backward slices of each micro-batch (multi-core CPUs)
     train_steps: int = 100
     precision: str = "float32"
     jit_compile: bool = False
@@ -146,9 +147,13 @@ class TrainConfig:
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
-        for name in ("batch_size", "grad_accum_steps", "train_steps", "log_every", "keep_checkpoints"):
+        for name in ("batch_size", "grad_accum_steps", "parallel_slices", "train_steps", "log_every",
+                     "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be positive")
+        if self.batch_size % self.parallel_slices:
+            raise ConfigError(f"--batch_size={self.batch_size} does not split into --parallel_slices="
+                              f"{self.parallel_slices} equal slices")
         for name in ("eval_every", "checkpoint_every", "sample_every", "eval_steps", "stop_after"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0")

@@ -75,6 +75,10 @@ def define_train_flags() -> None:
     flags.DEFINE_string("model_dir", _T.model_dir, "Checkpoints, config.json and TensorBoard logs. Rerun to resume.")
     flags.DEFINE_integer("batch_size", _T.batch_size, "Windows per rank per micro-batch.")
     flags.DEFINE_integer("grad_accum_steps", _T.grad_accum_steps, "Micro-batches per optimizer step.")
+    flags.DEFINE_integer("parallel_slices", _T.parallel_slices,
+                         "Split each micro-batch into this many slices whose forward/backward passes run "
+                         "concurrently; on a multi-core CPU rank set it to the rank's cores (XLA's small matrix "
+                         "multiplies use them poorly), elsewhere leave 1. The gradient is the same.")
     flags.DEFINE_integer("train_steps", _T.train_steps, "Optimizer steps.")
     flags.DEFINE_enum("precision", _T.precision, PRECISIONS, "Keras dtype policy.")
     flags.DEFINE_bool("jit_compile", _T.jit_compile, "XLA-compile the forward/backward and optimizer update.")
@@ -174,7 +178,7 @@ def optimizer_config_from_flags() -> OptimizerConfig:
 def config_from_flags() -> Config:
     optimizer = optimizer_config_from_flags()
     train = TrainConfig(**{name: getattr(FLAGS, name) for name in (
-        "model_dir", "batch_size", "grad_accum_steps", "train_steps", "precision", "jit_compile", "fp16_allreduce",
+        "model_dir", "batch_size", "grad_accum_steps", "parallel_slices", "train_steps", "precision", "jit_compile", "fp16_allreduce",
         "seed", "log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints", "sample_every",
         "sample_prompt", "sample_tokens", "verify_data", "shuffle_buffer", "stop_after")})
     return Config(data=data_config_from_flags(), model=model_config_from_flags(), optimizer=optimizer, train=train)

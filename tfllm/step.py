@@ -2,7 +2,8 @@
 
 One call of `TrainStep` is one optimizer step over K micro-batches:
 
-    for each micro-batch (tf.range loop):    XLA-compiled forward/backward (optional)
+    for each micro-batch (tf.range loop):    XLA-compiled forward/backward (optional), over P
+                                             slices of the micro-batch run concurrently
         accumulate grad(loss_sum / E), loss_sum, correct, tokens      E = tokens per micro-batch
     ONE grouped allreduce (outside XLA):     gradients (+ fp16 wire format) and float64 stats
     exact token weighting:                   g = mean_r(g_r) * E / mean_r(tokens_r)
@@ -10,7 +11,9 @@ One call of `TrainStep` is one optimizer step over K micro-batches:
 
 Gradients of *sums* divided by the *global* token count make N ranks with batch b identical
 to one rank with batch N*b (and K micro-batches identical to one batch of K*b), even when
-padding makes token counts differ. Under float16 loss scaling every rank holds the same scale
+padding makes token counts differ. For the same reason P slices of a micro-batch, each a
+separate computation, sum to the micro-batch's gradient: on a multi-core CPU they run side by
+side on the executor's threads, which XLA's small matrix multiplies alone leave half idle. Under float16 loss scaling every rank holds the same scale
 (broadcast at start, then identical updates from identical averaged gradients), so the scaled
 gradients averaged together are always scaled alike; clipping the scaled gradient at
 clip_norm * scale equals clipping the unscaled one at clip_norm.
@@ -30,8 +33,11 @@ STAT_LOSS, STAT_CORRECT, STAT_TOKENS, STAT_STOP = range(4)
 class TrainStep:
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, batch_size: int, seq_len: int,
                  grad_accum_steps: int = 1, clip_norm: float = 0.0, jit_compile: bool = False,
-                 fp16_allreduce: bool = False, loss_fn=lm_loss_sums, variables=None):
+                 fp16_allreduce: bool = False, loss_fn=lm_loss_sums, variables=None, parallel_slices: int = 1):
+        if parallel_slices < 1 or batch_size % parallel_slices:
+            raise ValueError(f"batch size {batch_size} does not split into {parallel_slices} parallel slices")
         self.model = model
+        self.parallel_slices = int(parallel_slices)
         # None: all trainable variables; a subset trains only those (e.g. a head over a frozen backbone).
         self._variables = None if variables is None else list(variables)
         self.optimizer = optimizer
@@ -67,6 +73,14 @@ class TrainStep:
         grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, self.variables)]
         return grads, tf.stack([loss_sum, correct, tokens])
 
+    def _slice_grads(self, micro_batch):
+        """The micro-batch's summed gradients and stats, from independent (hence concurrent) slices."""
+        if self.parallel_slices == 1:
+            return self._grad_fn(micro_batch)
+        parts = [self._grad_fn(s) for s in tf.split(micro_batch, self.parallel_slices)]
+        grads = [tf.add_n(list(g)) for g in zip(*(p[0] for p in parts))]
+        return grads, tf.add_n([p[1] for p in parts])
+
     def _apply(self, grads, mean_stats):
         # Everything after the allreduce runs here, inside the compiled function: on CPU the
         # ~150 small per-variable ops of scaling and clipping cost milliseconds per step when
@@ -88,9 +102,9 @@ class TrainStep:
         }
 
     def _step(self, micro_batches, stop_requested):
-        grads, stats = self._grad_fn(micro_batches[0])
+        grads, stats = self._slice_grads(micro_batches[0])
         for k in tf.range(1, self.grad_accum_steps):
-            more_grads, more_stats = self._grad_fn(micro_batches[k])
+            more_grads, more_stats = self._slice_grads(micro_batches[k])
             grads = [a + b for a, b in zip(grads, more_grads)]
             stats = stats + more_stats
         # Bookkeeping rides in the gradients' group (one collective per step); divided by E it

@@ -140,7 +140,7 @@ def pretrain(cfg: Config, log=print) -> dict:
     model = build_causal_lm(cfg.model)
     optimizer = make_optimizer(cfg.optimizer, tcfg.train_steps, world.size, model, tcfg.precision)
     step_fn = TrainStep(model, optimizer, tcfg.batch_size, seq_len, tcfg.grad_accum_steps, cfg.optimizer.clip_norm,
-                        tcfg.jit_compile, tcfg.fp16_allreduce)
+                        tcfg.jit_compile, tcfg.fp16_allreduce, parallel_slices=tcfg.parallel_slices)
     step_fn.build()
     state_vars = list(model.variables) + list(optimizer.variables)
 

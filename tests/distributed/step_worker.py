@@ -31,6 +31,7 @@ def main():
     p.add_argument("--precision", default="float32")
     p.add_argument("--fp16_allreduce", action="store_true")
     p.add_argument("--jit", action="store_true")
+    p.add_argument("--slices", type=int, default=1)
     p.add_argument("--seed_by_rank", action="store_true", help="initialise each rank differently")
     p.add_argument("--pad_fraction", type=float, default=0.0, help="pad the tail of some windows")
     a = p.parse_args()
@@ -49,7 +50,7 @@ def main():
     per_rank = a.global_batch // world.size
     micro = per_rank // a.accum
     step = TrainStep(model, optimizer, batch_size=micro, seq_len=SEQ, grad_accum_steps=a.accum, clip_norm=a.clip,
-                     jit_compile=a.jit, fp16_allreduce=a.fp16_allreduce)
+                     jit_compile=a.jit, fp16_allreduce=a.fp16_allreduce, parallel_slices=a.slices)
     step.build()
     before = [v.numpy().copy() for v in model.trainable_variables]
     sync_state(model, optimizer)
@@ -72,6 +73,7 @@ def main():
     if world.is_chief:
         with open(f"{a.out}.json", "w") as f:
             json.dump({"records": records, "allreduce_calls": int(step.allreduce_calls.numpy()),
+                       "grad_fn_signatures": step._grad_fn.pretty_printed_concrete_signatures(),
                        "world_size": world.size}, f)
 
 
