@@ -7,9 +7,10 @@ the measured steps. Synthetic data keeps the input pipeline out of the figures.
 - `time_keras_fit`: `model.fit` of the same keras-hub model, same optimizer, same batches
   (single process; Horovod's Keras callbacks do not work with Keras 3). The ratio of the two
   medians is tfllm's overhead.
-- `time_allreduce`: one grouped allreduce of tensors shaped like the model's gradients, inside a
+- `time_allreduces`: one grouped allreduce of tensors shaped like the model's gradients, inside a
   tf.function like the step's; its median over the step's median is the allreduce share. The
-  same with one 4-byte tensor measures the ring's latency (the cost model's alpha).
+  same with one 4-byte tensor, timed alternately with it, measures the ring's latency (the cost
+  model's alpha).
 - `measure_step`: all of the above for one configuration, as the flat record that
   `pipelines/benchmark.py` prints, writes as JSON and logs to TensorBoard.
 """
@@ -117,18 +118,28 @@ def time_keras_fit(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmu
     return Timing.of(timer.times[warmup:])
 
 
-def time_allreduce(grad_shapes: list[tuple[int, ...]], steps: int, warmup: int, fp16: bool = False) -> Timing:
-    tensors = [tf.random.normal(s) for s in grad_shapes]
-    fn = tf.function(lambda ts: distributed.grouped_allreduce_mean(ts, compress_fp16=fp16))
-    times = []
+def time_allreduces(grad_shapes: list[tuple[int, ...]], steps: int, warmup: int,
+                    fp16: bool = False) -> tuple[Timing, Timing]:
+    """(gradient allreduce, 4-byte allreduce) timings, taken alternately.
+
+    Alternating pairs let both see the same machine: on a busy CPU host the fixed cost of a
+    collective swings by milliseconds over seconds, and timing the two in separate loops could
+    give the 4-byte one the slower stretch, leaving no transfer time to fit a bandwidth to.
+    """
+    grads = [tf.random.normal(s) for s in grad_shapes]
+    small = [tf.random.normal((1,))]
+    reduce_grads = tf.function(lambda ts: distributed.grouped_allreduce_mean(ts, compress_fp16=fp16))
+    reduce_small = tf.function(lambda ts: distributed.grouped_allreduce_mean(ts))
+    times = {"grads": [], "small": []}
     for i in range(warmup + steps):
-        distributed.barrier()  # start together so that waiting for a slow rank is not counted
-        t = time.perf_counter()
-        out = fn(tensors)
-        float(tf.reduce_sum(out[0]))
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return Timing.of(times)
+        for name, fn, tensors in (("small", reduce_small, small), ("grads", reduce_grads, grads)):
+            distributed.barrier()  # start together so that waiting for a slow rank is not counted
+            t = time.perf_counter()
+            out = fn(tensors)
+            float(tf.reduce_sum(out[0]))
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return Timing.of(times["grads"]), Timing.of(times["small"])
 
 
 def measure_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int, jit_compile: bool,
@@ -141,8 +152,8 @@ def measure_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup:
     world = distributed.world()
     step, info = time_tfllm_step(cfg, batch, seq_len, steps, warmup, jit_compile, precision, fp16_allreduce)
     if world.size > 1:
-        ar = time_allreduce(info["grad_shapes"], steps, warmup, fp16_allreduce).median_s
-        latency = time_allreduce([(1,)], steps, warmup).median_s
+        grads_timing, small_timing = time_allreduces(info["grad_shapes"], steps, warmup, fp16_allreduce)
+        ar, latency = grads_timing.median_s, small_timing.median_s
     else:
         ar = latency = 0.0  # a single process skips the allreduce
     tokens = batch * seq_len
