@@ -141,3 +141,16 @@ def test_epochs_run_without_tf_data_autotuning(four_shards):
     ds = WindowDataset(four_shards)
     assert ds.epoch(0, 0, 1, 16, 0).options().autotune.enabled is False
     assert ds.epoch(0, 0, 1, 16, 0, shuffle=False, drop_remainder=False).options().autotune.enabled is False
+
+
+def test_raw_text_evaluation_windows_run_without_tf_data_autotuning(tmp_path):
+    from tfllm.evaluate import TextWindows
+
+    class CodePoints:
+        def encode(self, text):
+            return [3 + ord(c) % 50 for c in text]
+
+    path = tmp_path / "text.txt"
+    path.write_text("to be, or not to be: that is the question\n" * 20, encoding="utf-8")
+    ds = TextWindows(str(path), CodePoints(), seq_len=16).epoch(0, batch_size=4)
+    assert ds.options().autotune.enabled is False

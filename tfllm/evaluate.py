@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from tfllm import distributed
 from tfllm.data.corpus import Corpus
-from tfllm.data.pipeline import DataError, WindowDataset
+from tfllm.data.pipeline import DataError, WindowDataset, untuned
 from tfllm.data.prepare import Packer
 from tfllm.models import lm_loss_sums, perplexity
 
@@ -41,7 +41,7 @@ class TextWindows:
 
     def epoch(self, epoch, rank=0, size=1, batch_size=8, seed=0, shuffle=False, drop_remainder=False, **_):
         ds = tf.data.Dataset.from_tensor_slices(self.windows).shard(size, rank)
-        return ds.batch(batch_size, drop_remainder=drop_remainder)
+        return untuned(ds.batch(batch_size, drop_remainder=drop_remainder))
 
 
 def make_eval_fn(model, jit_compile: bool = False):

@@ -178,8 +178,8 @@ def optimizer_config_from_flags() -> OptimizerConfig:
 def config_from_flags() -> Config:
     optimizer = optimizer_config_from_flags()
     train = TrainConfig(**{name: getattr(FLAGS, name) for name in (
-        "model_dir", "batch_size", "grad_accum_steps", "parallel_slices", "train_steps", "precision", "jit_compile", "fp16_allreduce",
-        "seed", "log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints", "sample_every",
+        "model_dir", "batch_size", "grad_accum_steps", "parallel_slices", "train_steps", "precision", "jit_compile",
+        "fp16_allreduce", "seed", "log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints", "sample_every",
         "sample_prompt", "sample_tokens", "verify_data", "shuffle_buffer", "stop_after")})
     return Config(data=data_config_from_flags(), model=model_config_from_flags(), optimizer=optimizer, train=train)
 

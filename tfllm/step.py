@@ -13,10 +13,12 @@ Gradients of *sums* divided by the *global* token count make N ranks with batch 
 to one rank with batch N*b (and K micro-batches identical to one batch of K*b), even when
 padding makes token counts differ. For the same reason P slices of a micro-batch, each a
 separate computation, sum to the micro-batch's gradient: on a multi-core CPU they run side by
-side on the executor's threads, which XLA's small matrix multiplies alone leave half idle. Under float16 loss scaling every rank holds the same scale
-(broadcast at start, then identical updates from identical averaged gradients), so the scaled
-gradients averaged together are always scaled alike; clipping the scaled gradient at
-clip_norm * scale equals clipping the unscaled one at clip_norm.
+side on the executor's threads, which XLA's small matrix multiplies alone leave half idle.
+
+Under float16 loss scaling every rank holds the same scale (broadcast at start, then identical
+updates from identical averaged gradients), so the scaled gradients averaged together are
+always scaled alike; clipping the scaled gradient at clip_norm * scale equals clipping the
+unscaled one at clip_norm.
 """
 
 from __future__ import annotations

@@ -30,6 +30,19 @@ class DataError(RuntimeError):
     """Corrupt, truncated or mismatched prepared data; the message names the file."""
 
 
+def untuned(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """The dataset with tf.data's autotuning off.
+
+    The autotuning thread sleeps up to a minute between rounds, and destroying an iterator waits
+    for it to wake: every epoch boundary stalled training for up to 60 s (measured: 27-58 s after
+    1307 steps of tiny Shakespeare). Decoding windows needs no tuning; prefetch keeps its own
+    buffer sizing.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
 def _seed(*parts: int) -> int:
     digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
@@ -134,13 +147,7 @@ class WindowDataset:
             ds = ds.take(plan.steps)
         if skip_batches:
             ds = ds.skip(skip_batches)
-        options = tf.data.Options()
-        # tf.data's autotuning thread sleeps up to a minute between rounds, and destroying an
-        # iterator waits for it to wake: every epoch boundary stalled training for up to 60 s
-        # (measured: 27-58 s after 1307 steps of tiny Shakespeare). Decoding raw windows needs
-        # no tuning; prefetch keeps its own buffer sizing.
-        options.autotune.enabled = False
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+        return untuned(ds.prefetch(tf.data.AUTOTUNE))
 
     def position(self, global_step: int, size: int, batch_size: int, seed: int) -> tuple[int, int]:
         """(epoch, batches already taken in it) after `global_step` batches per rank."""
