@@ -5,9 +5,10 @@ import dataclasses
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tfllm.config import ConfigError, ModelConfig, OptimizerConfig, model_mismatch
-from tfllm.models import RESIDUAL_PROJECTIONS, build_causal_lm
+from tfllm.models import RESIDUAL_PROJECTIONS, build_causal_lm, lm_loss_sums
 from tfllm.train import make_optimizer
 
 TINY = ModelConfig(num_layers=2, num_heads=2, hidden_dim=64, max_sequence_length=32, vocab_size=96)
@@ -54,3 +55,29 @@ def test_weight_decay_skips_biases_and_optionally_norms_and_embeddings(decay_all
     assert kernels <= decayed
     others = {v.path for v in model.trainable_variables} - kernels - set(biases)  # norms, embeddings
     assert others and (others <= decayed if decay_all else not others & decayed)
+
+
+def _matmul_input_dtypes(model, windows) -> dict:
+    graph = tf.function(lambda w: lm_loss_sums(model, w, training=True)).get_concrete_function(windows).graph
+    return {op.name: {t.dtype.name for t in op.inputs} for op in graph.get_operations()
+            if op.type in ("MatMul", "BatchMatMulV2", "Einsum")}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_mixed_bfloat16_runs_every_matmul_including_the_tied_head_in_bfloat16(family):
+    windows = tf.constant(np.random.default_rng(0).integers(3, 96, size=(2, 17)), tf.int32)
+    try:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        model = build_causal_lm(dataclasses.replace(TINY, family=family))
+        dtypes = _matmul_input_dtypes(model, windows)
+        loss_sum, _, _ = lm_loss_sums(model, windows, training=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    head = [name for name in dtypes if "token_embedding" in name]
+    assert len(head) == 1 and len(dtypes) > 4 * TINY.num_layers
+    # Rotary position angles (positions x inverse frequencies) stay float32 on purpose.
+    assert {name: d for name, d in dtypes.items() if d != {"bfloat16"} and "rotary" not in name} == {}
+    assert model.backbone.token_embedding.embeddings.dtype == "float32"  # the table itself stays float32
+    assert loss_sum.dtype == tf.float32 and np.isfinite(loss_sum.numpy())
+    fp32 = _matmul_input_dtypes(build_causal_lm(dataclasses.replace(TINY, family=family)), windows)
+    assert all(d == {"float32"} for d in fp32.values())
