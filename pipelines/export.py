@@ -9,6 +9,8 @@ Serving needs only TensorFlow and tensorflow-text:
     m = tf.saved_model.load("exports/tiny/saved_model")
     m.signatures["generate"](prompts=tf.constant(["def "]), max_new_tokens=tf.constant(64))["text"]
     m.signatures["score"](texts=tf.constant(["def f(x):"]))  # log_prob, tokens
+`<output_dir>/preset` is a keras-hub preset (GPT-2 ones load with keras_hub.models.CausalLM.from_preset)
+that a new pretraining run can start from: python -m pipelines.pretrain ... --init_preset=exports/tiny/preset
 """
 
 from absl import flags
@@ -20,7 +22,7 @@ from tfllm.restore import load_trained_model
 
 flags.DEFINE_string("model_dir", "", "Model dir written by pipelines.pretrain.")
 flags.DEFINE_string("checkpoint", "latest", "latest, best, a step number or a checkpoint directory.")
-flags.DEFINE_string("output_dir", "", "Where to write saved_model/, model.keras and tokenizer/.")
+flags.DEFINE_string("output_dir", "", "Where to write saved_model/, model.keras, tokenizer/ and preset/.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --output_dir.")
 FLAGS = flags.FLAGS
 

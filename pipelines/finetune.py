@@ -47,6 +47,8 @@ def _read_texts(path: str) -> list[str]:
 def main(argv):
     from tfllm import finetune
 
+    if FLAGS.init_preset:  # a pretraining flag that fine-tuning would otherwise silently ignore
+        raise ConfigError("--init_preset starts pretraining runs; fine-tuning starts from --pretrained_dir")
     if FLAGS.mode == "train":
         result = finetune.finetune(finetune_config_from_flags())
     else:

@@ -184,6 +184,7 @@ def test_bad_inputs_are_one_line_errors(trained_model_dir, sst2_slice, tmp_path)
         ([f"--train_file={single}"], "every example has label '1'"),
         ([f"--pretrained_dir={other_tok}"], "tokenizer has 259 tokens, the model"),
         (["--max_length=65"], "--max_length=65 exceeds the pretrained model's context (64 positions)"),
+        ([f"--init_preset={trained_model_dir}"], "--init_preset starts pretraining runs"),
     ]
     for extra, message in cases:
         model_dir = tmp_path / "m"

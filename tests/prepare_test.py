@@ -176,3 +176,22 @@ def test_window_stride_leaves_validation_one_prediction_per_token(tmp_path, corp
     b = prep.prepare(config(corpus_dir, window_stride=4), str(tmp_path / "b"), log=lambda *a: None)
     assert b["splits"]["validation"] == a["splits"]["validation"]
     assert b["splits"]["train"]["tokens"] > 3 * a["splits"]["train"]["tokens"]
+
+
+def test_saved_tokenizer_is_reused_instead_of_trained(tmp_path, corpus_dir):
+    saved = tokenizers.train_tokenizer("wordpiece", iter(["jihgfedcba " * 50, "abc def ghij"]), 36)
+    saved.save(str(tmp_path / "tok"))
+    cfg = config(corpus_dir, tokenizer="char", tokenizer_dir=str(tmp_path / "tok"))
+    manifest = prep.prepare(cfg, str(tmp_path / "data"), log=lambda *a: None)
+    assert manifest["tokenizer"]["kind"] == "wordpiece" and manifest["vocab_size"] == saved.vocab_size
+    assert manifest["config"]["tokenizer_dir"] == str(tmp_path / "tok")
+    targets = 0
+    for split in ("train", "validation"):
+        targets += sum(int(np.count_nonzero(w[1:] != tokenizers.PAD_ID)) for w in read_windows(tmp_path / "data", split)[1])
+    # every document in the saved tokenizer's ids plus one <eod>, less each split's first token
+    assert targets == sum(len(saved.encode(p.read_text())) + 1 for p in corpus_dir.iterdir()) - 2
+
+    with pytest.raises(ConfigError, match=r"--tokenizer_dir=.*absent: no tokenizer.json there"):
+        prep.prepare(config(corpus_dir, tokenizer_dir=str(tmp_path / "absent")), str(tmp_path / "data2"),
+                     log=lambda *a: None)
+    assert not (tmp_path / "data2").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 from tfllm import atomic
@@ -30,6 +31,7 @@ class DataConfig:
     data_dir: str = ""
     tokenizer: str = "char"
     vocab_size: int = 512
+    tokenizer_dir: str = ""  # a saved tfllm tokenizer to use instead of training one (tokenizer, vocab_size unused)
     seq_len: int = 64
     window_stride: int = 0  # training split: tokens between window starts; 0: seq_len (each token once)
     val_fraction: float = 0.05
@@ -62,6 +64,8 @@ class DataConfig:
             raise ConfigError(f"--vocab_size={self.vocab_size}: too small for a {self.tokenizer} tokenizer")
         if not self.corpus:
             raise ConfigError("--corpus is empty: name at least one file, directory, glob or builtin:python-stdlib")
+        if self.tokenizer_dir and not os.path.isfile(os.path.join(self.tokenizer_dir, "tokenizer.json")):
+            raise ConfigError(f"--tokenizer_dir={self.tokenizer_dir}: no tokenizer.json there")
 
 
 @dataclasses.dataclass
@@ -143,6 +147,7 @@ class TrainConfig:
     verify_data: bool = False
     shuffle_buffer: int = 0  # 0: all of this rank's windows, up to SHUFFLE_BUFFER_BYTES
     stop_after: int = 0  # stop this invocation after so many steps (checkpoint saved); 0: run to train_steps
+    init_preset: str = ""  # keras-hub preset dir whose weights start a new run (ignored when resuming)
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:

@@ -20,7 +20,7 @@ import keras
 import keras_hub
 import tensorflow as tf
 
-from tfllm import atomic
+from tfllm import atomic, preset
 from tfllm.config import ConfigError
 from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
 
@@ -70,7 +70,8 @@ class ServingModule(tf.Module):
 
 
 def export(model: keras.Model, tokenizer: Tokenizer, context: int, out_dir: str, overwrite: bool = False) -> str:
-    """Writes `<out_dir>/saved_model` and `<out_dir>/model.keras`, atomically; returns out_dir."""
+    """Writes `<out_dir>/saved_model`, `model.keras`, `tokenizer/` and `preset/` (a keras-hub preset
+    with the tokenizer inside, see `tfllm.preset`), atomically; returns out_dir."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise ConfigError(f"{out_dir}: output path exists (pass --overwrite to replace it)")
@@ -81,4 +82,5 @@ def export(model: keras.Model, tokenizer: Tokenizer, context: int, out_dir: str,
                             signatures={"generate": module.generate, "score": module.score})
         model.save(os.path.join(tmp, "model.keras"))
         tokenizer.save(os.path.join(tmp, "tokenizer"))
+        preset.save(model, tokenizer, os.path.join(tmp, "preset"))
     return atomic.build_dir(out_dir, build)

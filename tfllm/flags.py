@@ -10,8 +10,9 @@ import dataclasses
 
 from absl import flags
 
-from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, WEIGHT_INITS, Config, DataConfig, FinetuneConfig,
-                          ModelConfig, OptimizerConfig, TrainConfig)
+from tfllm import preset
+from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, WEIGHT_INITS, Config, ConfigError, DataConfig,
+                          FinetuneConfig, ModelConfig, OptimizerConfig, TrainConfig)
 from tfllm.generate import STRATEGIES, SamplingConfig
 
 FLAGS = flags.FLAGS
@@ -35,6 +36,8 @@ def define_data_flags() -> None:
                         "Default for pretraining: <model_dir>/data.")
     flags.DEFINE_enum("tokenizer", _D.tokenizer, TOKENIZER_KINDS, "Tokenizer to train on the corpus.")
     flags.DEFINE_integer("vocab_size", _D.vocab_size, "Tokenizer vocabulary size (for char: an upper bound; 0 = all).")
+    flags.DEFINE_string("tokenizer_dir", _D.tokenizer_dir, "Use this saved tfllm tokenizer (a model dir's or a preset's "
+                        "tokenizer/) instead of training one; --tokenizer and --vocab_size are then unused.")
     flags.DEFINE_integer("seq_len", _D.seq_len, "Tokens per training window (context length).")
     flags.DEFINE_integer("window_stride", _D.window_stride,
                          "Training split: tokens between window starts (0: seq_len). Smaller strides overlap "
@@ -97,6 +100,11 @@ def define_train_flags() -> None:
                          "Windows in the shuffle buffer (0: all of this rank's windows, up to 256 MiB).")
     flags.DEFINE_integer("stop_after", _T.stop_after, "Stop this run after so many steps, with a checkpoint; "
                          "rerun to continue (for time-sliced queues). 0: run to --train_steps.")
+    flags.DEFINE_string("init_preset", _T.init_preset,
+                        "A keras-hub preset directory (e.g. <export>/preset from pipelines.export) that a new run "
+                        "starts from: its architecture replaces the model flags (one given explicitly must agree), "
+                        "its weights the initialisation, and its tokenizer/, if any, is the default --tokenizer_dir. "
+                        "Ignored when --model_dir already has a checkpoint. Every rank must be able to read it.")
     flags.DEFINE_float("learning_rate", _O.learning_rate, "Peak learning rate.")
     flags.DEFINE_float("min_learning_rate", _O.min_learning_rate, "Learning rate at the end of the cosine decay.")
     flags.DEFINE_integer("warmup_steps", _O.warmup_steps, "Linear warmup steps.")
@@ -155,8 +163,9 @@ def finetune_config_from_flags() -> FinetuneConfig:
 def data_config_from_flags() -> DataConfig:
     return DataConfig(
         corpus=list(FLAGS.corpus), data_dir=FLAGS.data_dir, tokenizer=FLAGS.tokenizer, vocab_size=FLAGS.vocab_size,
-        seq_len=FLAGS.seq_len, window_stride=FLAGS.window_stride, val_fraction=FLAGS.val_fraction, split=FLAGS.split, num_shards=FLAGS.num_shards,
-        jsonl_field=FLAGS.jsonl_field, on_decode_error=FLAGS.on_decode_error, max_corpus_bytes=FLAGS.max_corpus_bytes,
+        tokenizer_dir=FLAGS.tokenizer_dir, seq_len=FLAGS.seq_len, window_stride=FLAGS.window_stride,
+        val_fraction=FLAGS.val_fraction, split=FLAGS.split, num_shards=FLAGS.num_shards, jsonl_field=FLAGS.jsonl_field,
+        on_decode_error=FLAGS.on_decode_error, max_corpus_bytes=FLAGS.max_corpus_bytes,
         tokenizer_sample_bytes=FLAGS.tokenizer_sample_bytes, seed=FLAGS.data_seed, overwrite=FLAGS.overwrite)
 
 
@@ -165,6 +174,27 @@ def model_config_from_flags() -> ModelConfig:
         family=FLAGS.model, num_layers=FLAGS.num_layers, num_heads=FLAGS.num_heads, num_kv_heads=FLAGS.num_kv_heads,
         hidden_dim=FLAGS.hidden_dim, intermediate_dim=FLAGS.intermediate_dim, dropout=FLAGS.dropout,
         max_sequence_length=FLAGS.max_sequence_length or FLAGS.seq_len, weight_init=FLAGS.weight_init)
+
+
+# Model flags a preset's architecture replaces, with the ModelConfig value each one sets.
+_ARCHITECTURE_FLAGS = {"model": lambda m: m.family, "num_layers": lambda m: m.num_layers,
+                       "num_heads": lambda m: m.num_heads, "num_kv_heads": lambda m: m.num_kv_heads or m.num_heads,
+                       "hidden_dim": lambda m: m.hidden_dim, "intermediate_dim": lambda m: m.ffn_dim,
+                       "max_sequence_length": lambda m: m.max_sequence_length}
+
+
+def _model_config_from_preset(path: str) -> ModelConfig:
+    """The preset's architecture; model flags given explicitly (command line or flagfile) must agree."""
+    from_preset, from_flags = preset.model_config(path), model_config_from_flags()
+    checked = [n for n in _ARCHITECTURE_FLAGS if n != "max_sequence_length" or from_preset.family == "gpt2"]
+    conflicts = [f"--{n}={FLAGS[n].value} (preset: {_ARCHITECTURE_FLAGS[n](from_preset)})" for n in checked
+                 if FLAGS[n].present and _ARCHITECTURE_FLAGS[n](from_flags) != _ARCHITECTURE_FLAGS[n](from_preset)]
+    if conflicts:
+        raise ConfigError(f"--init_preset={path} disagrees with {', '.join(conflicts)}; drop those flags")
+    if FLAGS["dropout"].present:  # dropout changes no variable: the run may choose its own
+        from_preset.dropout = FLAGS.dropout
+    from_preset.weight_init = FLAGS.weight_init
+    return from_preset
 
 
 def optimizer_config_from_flags() -> OptimizerConfig:
@@ -180,8 +210,13 @@ def config_from_flags() -> Config:
     train = TrainConfig(**{name: getattr(FLAGS, name) for name in (
         "model_dir", "batch_size", "grad_accum_steps", "parallel_slices", "train_steps", "precision", "jit_compile",
         "fp16_allreduce", "seed", "log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints", "sample_every",
-        "sample_prompt", "sample_tokens", "verify_data", "shuffle_buffer", "stop_after")})
-    return Config(data=data_config_from_flags(), model=model_config_from_flags(), optimizer=optimizer, train=train)
+        "sample_prompt", "sample_tokens", "verify_data", "shuffle_buffer", "stop_after", "init_preset")})
+    data = data_config_from_flags()
+    model = model_config_from_flags()
+    if train.init_preset:
+        model = _model_config_from_preset(train.init_preset)
+        data.tokenizer_dir = data.tokenizer_dir or preset.tokenizer_dir(train.init_preset)
+    return Config(data=data, model=model, optimizer=optimizer, train=train)
 
 
 def sampling_config_from_flags() -> SamplingConfig:

@@ -17,7 +17,7 @@ import time
 import keras
 import tensorflow as tf
 
-from tfllm import atomic, distributed
+from tfllm import atomic, distributed, preset
 from tfllm.checkpoint import CheckpointError, CheckpointManager
 from tfllm.config import Config, ConfigError, OptimizerConfig, model_mismatch
 from tfllm.data.corpus import CorpusError
@@ -98,13 +98,14 @@ def _agree(fn):
 def resolve_config(cfg: Config, manifest: dict) -> Config:
     """Fills values that come from the prepared data and checks that the model fits it."""
     vocab = int(manifest["vocab_size"])
+    source = f" (from --init_preset={cfg.train.init_preset})" if cfg.train.init_preset else ""
     if cfg.model.vocab_size and cfg.model.vocab_size != vocab:
-        raise ConfigError(f"--vocab_size={cfg.model.vocab_size} does not match the data's tokenizer "
+        raise ConfigError(f"the model's vocab_size={cfg.model.vocab_size}{source} does not match the data's tokenizer "
                           f"({vocab} tokens in {cfg.data.data_dir}/manifest.json)")
     cfg.model.vocab_size = vocab
     seq_len = int(manifest["seq_len"])
     if cfg.model.family == "gpt2" and cfg.model.max_sequence_length < seq_len:
-        raise ConfigError(f"--max_sequence_length={cfg.model.max_sequence_length} is shorter than the data's "
+        raise ConfigError(f"--max_sequence_length={cfg.model.max_sequence_length}{source} is shorter than the data's "
                           f"windows (--seq_len={seq_len})")
     return cfg
 
@@ -154,7 +155,12 @@ def pretrain(cfg: Config, log=print) -> dict:
         if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
             atomic.copy_dir(os.path.join(cfg.data.data_dir, "tokenizer"), tok_dir)
         latest = ckpts.latest()
-        return ckpts.restore(latest, state_vars) if latest else {}
+        if latest:
+            return ckpts.restore(latest, state_vars)
+        if tcfg.init_preset:  # a new run only: a checkpoint always wins over the preset
+            preset.load_weights(model, tcfg.init_preset)
+            say(f"initialised from keras-hub preset {tcfg.init_preset}")
+        return {}
 
     state = _agree(restore)
     sync_state(model, optimizer)

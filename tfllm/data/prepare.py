@@ -30,7 +30,7 @@ MANIFEST = "manifest.json"
 FORMAT = "tfllm-windows-v1"
 SPLITS = ("train", "validation")
 # Fields of DataConfig that change the prepared bytes; others (overwrite, data_dir) do not.
-_CONTENT_FIELDS = ("corpus", "tokenizer", "vocab_size", "seq_len", "window_stride", "val_fraction", "split", "num_shards",
+_CONTENT_FIELDS = ("corpus", "tokenizer", "vocab_size", "tokenizer_dir", "seq_len", "window_stride", "val_fraction", "split", "num_shards",
                    "jsonl_field", "on_decode_error", "max_corpus_bytes", "tokenizer_sample_bytes", "seed")
 
 
@@ -165,8 +165,12 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> dict:
     if total_chars == 0:
         raise CorpusError(f"{', '.join(cfg.corpus)}: the corpus is empty (no text in {len(corpus.files)} file(s))")
     log(f"corpus: {len(corpus.files_read)} file(s), {documents} document(s), {total_chars:,} characters")
-    tokenizer = tokenizers.train_tokenizer(cfg.tokenizer, _sample(corpus, cfg.tokenizer_sample_bytes), cfg.vocab_size)
-    log(f"tokenizer: {cfg.tokenizer}, vocabulary {tokenizer.vocab_size}")
+    if cfg.tokenizer_dir:
+        tokenizer = tokenizers.load_tokenizer(cfg.tokenizer_dir)
+        log(f"tokenizer: {tokenizer.kind} from {cfg.tokenizer_dir}, vocabulary {tokenizer.vocab_size}")
+    else:
+        tokenizer = tokenizers.train_tokenizer(cfg.tokenizer, _sample(corpus, cfg.tokenizer_sample_bytes), cfg.vocab_size)
+        log(f"tokenizer: {cfg.tokenizer}, vocabulary {tokenizer.vocab_size}")
     dtype = np.dtype("<u2") if tokenizer.vocab_size <= 65535 else np.dtype("<i4")
 
     _allow_open_files(2 * cfg.num_shards + 256)
