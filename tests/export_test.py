@@ -67,32 +67,41 @@ def test_existing_output_is_refused(exported, trained_model_dir):
 
 
 def test_pretraining_starts_from_the_exported_preset_and_refuses_conflicting_flags(exported, trained_model_dir, tmp_path):
-    """A new run takes the preset's architecture, weights and tokenizer; resuming ignores the preset."""
+    """A new run takes the preset's architecture, weights and tokenizer; resuming needs the preset no more."""
+    import shutil
+
     from pretrain_helpers import logged_losses, pretrain
 
     assert sorted(p.name for p in (exported / "preset").iterdir()) == [
         "config.json", "metadata.json", "model.weights.h5", "task.json", "tokenizer"]
+    preset_dir = tmp_path / "preset"
+    shutil.copytree(exported / "preset", preset_dir)
     scratch = logged_losses(trained_model_dir)
     warm_dir = tmp_path / "warm"
     # --num_layers=2 on the command line agrees with the preset; --hidden_dim=32 comes from the test flags.
-    proc = pretrain(warm_dir, f"--init_preset={exported}/preset", "--num_layers=2", "--train_steps=3",
+    proc = pretrain(warm_dir, f"--init_preset={preset_dir}", "--num_layers=2", "--train_steps=3",
                     "--eval_every=0", "--sample_prompt=", data_dir=tmp_path / "data")
-    assert f"initialised from keras-hub preset {exported}/preset" in proc.stdout + proc.stderr
+    assert f"initialised from keras-hub preset {preset_dir}" in proc.stdout + proc.stderr
     warm = logged_losses(warm_dir)
     assert warm[1] < scratch[1] - 0.5  # starts where the exported model ended, not from scratch
     assert abs(warm[1] - scratch[max(scratch)]) < 0.5
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
-    assert manifest["config"]["tokenizer_dir"] == f"{exported}/preset/tokenizer"
-    assert json.loads((warm_dir / "config.json").read_text())["train"]["init_preset"] == f"{exported}/preset"
+    assert manifest["config"]["tokenizer_dir"] == f"{preset_dir}/tokenizer"
+    assert json.loads((warm_dir / "config.json").read_text())["train"]["init_preset"] == str(preset_dir)
 
-    resumed = pretrain(warm_dir, f"--init_preset={exported}/preset", "--train_steps=5", "--eval_every=0",
-                       "--sample_prompt=", data_dir=tmp_path / "data")
-    assert "resumed from step 3" in resumed.stdout + resumed.stderr
-    assert "initialised from" not in resumed.stdout + resumed.stderr
-
-    conflict = pretrain(tmp_path / "conflict", f"--init_preset={exported}/preset", "--num_layers=3",
+    conflict = pretrain(tmp_path / "conflict", f"--init_preset={preset_dir}", "--num_layers=3",
                         check=False, data_dir=tmp_path / "data")
     assert conflict.returncode == 1
     assert conflict.stderr.strip().splitlines()[-1] == (
-        f"error: --init_preset={exported}/preset disagrees with --num_layers=3 (preset: 2); drop those flags")
+        f"error: --init_preset={preset_dir} disagrees with --num_layers=3 (preset: 2); drop those flags")
     assert not (tmp_path / "conflict").exists()
+
+    shutil.rmtree(preset_dir)  # e.g. a rescheduled pod whose preset volume is gone: the checkpoint suffices
+    resumed = pretrain(warm_dir, f"--init_preset={preset_dir}", "--train_steps=5", "--eval_every=0",
+                       "--sample_prompt=", data_dir=tmp_path / "data")
+    assert "resumed from step 3" in resumed.stdout + resumed.stderr
+    assert "initialised from" not in resumed.stdout + resumed.stderr
+    assert sorted(logged_losses(warm_dir)) == [1, 2, 3, 4, 5]
+    fresh = pretrain(tmp_path / "fresh", f"--init_preset={preset_dir}", check=False, data_dir=tmp_path / "data")
+    assert fresh.returncode == 1
+    assert fresh.stderr.strip().splitlines()[-1] == f"error: --init_preset={preset_dir}: no such directory"

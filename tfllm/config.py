@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 from tfllm import atomic
@@ -64,8 +63,6 @@ class DataConfig:
             raise ConfigError(f"--vocab_size={self.vocab_size}: too small for a {self.tokenizer} tokenizer")
         if not self.corpus:
             raise ConfigError("--corpus is empty: name at least one file, directory, glob or builtin:python-stdlib")
-        if self.tokenizer_dir and not os.path.isfile(os.path.join(self.tokenizer_dir, "tokenizer.json")):
-            raise ConfigError(f"--tokenizer_dir={self.tokenizer_dir}: no tokenizer.json there")
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ FLAGS. Defaults live in `tfllm.config` so that flags, flagfiles and tests agree.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from absl import flags
 
@@ -214,8 +215,15 @@ def config_from_flags() -> Config:
     data = data_config_from_flags()
     model = model_config_from_flags()
     if train.init_preset:
-        model = _model_config_from_preset(train.init_preset)
-        data.tokenizer_dir = data.tokenizer_dir or preset.tokenizer_dir(train.init_preset)
+        saved = os.path.join(train.model_dir, "config.json")
+        previous = Config.load(saved) if train.model_dir and os.path.exists(saved) else None
+        if previous and previous.train.init_preset == train.init_preset and not os.path.isdir(train.init_preset):
+            # A restarted run (a rescheduled pod, say) resumes without the preset, which may be gone
+            # by now: what the preset decided is in the saved config.
+            model, data.tokenizer_dir = previous.model, data.tokenizer_dir or previous.data.tokenizer_dir
+        else:
+            model = _model_config_from_preset(train.init_preset)
+            data.tokenizer_dir = data.tokenizer_dir or preset.tokenizer_dir(train.init_preset)
     return Config(data=data, model=model, optimizer=optimizer, train=train)
 
 

@@ -30,8 +30,9 @@ MANIFEST = "manifest.json"
 FORMAT = "tfllm-windows-v1"
 SPLITS = ("train", "validation")
 # Fields of DataConfig that change the prepared bytes; others (overwrite, data_dir) do not.
-_CONTENT_FIELDS = ("corpus", "tokenizer", "vocab_size", "tokenizer_dir", "seq_len", "window_stride", "val_fraction", "split", "num_shards",
-                   "jsonl_field", "on_decode_error", "max_corpus_bytes", "tokenizer_sample_bytes", "seed")
+_CONTENT_FIELDS = ("corpus", "tokenizer", "vocab_size", "tokenizer_dir", "seq_len", "window_stride", "val_fraction",
+                   "split", "num_shards", "jsonl_field", "on_decode_error", "max_corpus_bytes", "tokenizer_sample_bytes",
+                   "seed")
 
 
 def content_key(cfg: DataConfig) -> dict:
@@ -151,6 +152,8 @@ def _sample(corpus: Corpus, limit: int) -> Iterator[str]:
 def prepare(cfg: DataConfig, out_dir: str, log=print) -> dict:
     """Prepares `cfg.corpus` into `out_dir`; returns the manifest."""
     cfg.validate()
+    if cfg.tokenizer_dir and not os.path.isfile(os.path.join(cfg.tokenizer_dir, tokenizers.TOKENIZER_FILE)):
+        raise ConfigError(f"--tokenizer_dir={cfg.tokenizer_dir}: no {tokenizers.TOKENIZER_FILE} there")
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not cfg.overwrite:
         raise ConfigError(f"{out_dir}: output directory exists and is not empty (pass --overwrite to replace it)")
