@@ -15,6 +15,7 @@ from tfllm import preset
 from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, WEIGHT_INITS, Config, ConfigError, DataConfig,
                           FinetuneConfig, ModelConfig, OptimizerConfig, TrainConfig)
 from tfllm.generate import STRATEGIES, SamplingConfig
+from tfllm.restore import CONFIG_FILE
 
 FLAGS = flags.FLAGS
 _D, _M, _O, _T, _S = DataConfig(), ModelConfig(), OptimizerConfig(), TrainConfig(), SamplingConfig()
@@ -184,9 +185,9 @@ _ARCHITECTURE_FLAGS = {"model": lambda m: m.family, "num_layers": lambda m: m.nu
                        "max_sequence_length": lambda m: m.max_sequence_length}
 
 
-def _model_config_from_preset(path: str) -> ModelConfig:
+def _model_config_from_preset(path: str, from_flags: ModelConfig) -> ModelConfig:
     """The preset's architecture; model flags given explicitly (command line or flagfile) must agree."""
-    from_preset, from_flags = preset.model_config(path), model_config_from_flags()
+    from_preset = preset.model_config(path)
     checked = [n for n in _ARCHITECTURE_FLAGS if n != "max_sequence_length" or from_preset.family == "gpt2"]
     conflicts = [f"--{n}={FLAGS[n].value} (preset: {_ARCHITECTURE_FLAGS[n](from_preset)})" for n in checked
                  if FLAGS[n].present and _ARCHITECTURE_FLAGS[n](from_flags) != _ARCHITECTURE_FLAGS[n](from_preset)]
@@ -215,14 +216,14 @@ def config_from_flags() -> Config:
     data = data_config_from_flags()
     model = model_config_from_flags()
     if train.init_preset:
-        saved = os.path.join(train.model_dir, "config.json")
+        saved = os.path.join(train.model_dir, CONFIG_FILE)
         previous = Config.load(saved) if train.model_dir and os.path.exists(saved) else None
         if previous and previous.train.init_preset == train.init_preset and not os.path.isdir(train.init_preset):
             # A restarted run (a rescheduled pod, say) resumes without the preset, which may be gone
             # by now: what the preset decided is in the saved config.
             model, data.tokenizer_dir = previous.model, data.tokenizer_dir or previous.data.tokenizer_dir
         else:
-            model = _model_config_from_preset(train.init_preset)
+            model = _model_config_from_preset(train.init_preset, model)
             data.tokenizer_dir = data.tokenizer_dir or preset.tokenizer_dir(train.init_preset)
     return Config(data=data, model=model, optimizer=optimizer, train=train)
 

@@ -67,8 +67,7 @@ def load_weights(model: keras.Model, path: str) -> None:
     """Loads the preset's weights into `model` (built by `build_causal_lm(model_config(path))`)."""
     _, saved = _backbone_config(path)
     built = model.backbone.get_config()
-    diffs = sorted(k for k in set(saved) | set(built)
-                   if k not in _NOT_ARCHITECTURE and k in saved and saved.get(k) != built.get(k))
+    diffs = sorted(k for k in saved if k not in _NOT_ARCHITECTURE and saved[k] != built.get(k))
     if diffs:
         raise ConfigError(f"--init_preset={path}: the model differs from the preset in "
                           + ", ".join(f"{k} ({built.get(k)} vs {saved.get(k)})" for k in diffs))
