@@ -38,13 +38,14 @@ test-fast: install
 gpu-build-check: install
 	bash .ci/install.sh --gpu-wheel $(CURDIR)/build/gpu-wheel
 
-# The figures of the README's Performance section (about 4 minutes on 2 cores).
+# The figures of the README's Performance section (about 4 minutes on 2 cores). The N-rank run
+# takes one slice per rank: its ranks share this machine's cores (the flagfile's two are for one process).
 BENCH_FLAGS ?= --flagfile=flags/shakespeare_char.cfg
 bench: install
 	mkdir -p .bench
 	$(PY) -m pipelines.benchmark $(BENCH_FLAGS) --mode=step --bench_steps=100 --output_json=.bench/step1.json --tb_dir=.bench/tb
 	horovodrun -np $(NP) -H localhost:$(NP) --gloo $(PY) -m pipelines.benchmark $(BENCH_FLAGS) --mode=step --bench_steps=100 \
-	  --baseline_json=.bench/step1.json --output_json=.bench/step$(NP).json --tb_dir=.bench/tb
+	  --parallel_slices=1 --baseline_json=.bench/step1.json --output_json=.bench/step$(NP).json --tb_dir=.bench/tb
 	$(PY) -m pipelines.benchmark $(BENCH_FLAGS) --mode=overhead --bench_steps=100 --output_json=.bench/overhead.json
 	$(PY) -m pipelines.benchmark $(BENCH_FLAGS) --mode=variants --bench_steps=40 --output_json=.bench/variants.json
 	$(PY) -m pipelines.benchmark --flagfile=flags/gpt2_124m.cfg --bench_vocab=50304 --mode=costmodel \

@@ -1,7 +1,9 @@
 """Benchmarks that print figures (markdown table + one JSON line), write JSON and TensorBoard.
 
-The model, batch (--batch_size per rank), --seq_len, --precision, --jit_compile and --fp16_allreduce
-come from the usual flags, so any pretraining flagfile drives it.
+The model, batch (--batch_size per rank), --seq_len, --precision, --jit_compile, --fp16_allreduce and
+the step's shape (--parallel_slices, --grad_accum_steps, --clip_norm) come from the usual flags, so any
+pretraining flagfile drives it and the step measured is the step that flagfile trains with.
+--init_preset=DIR measures the preset's architecture (and vocabulary, unless --bench_vocab is given).
 Modes (synthetic windows, warm-up steps excluded; see tfllm/benchmark.py and tfllm/costmodel.py):
   step       step time, tokens/s, model FLOP/s and MFU, peak memory, allreduce share
   overhead   tfllm's step vs a plain keras-hub `model.fit` of the same model (single process)
@@ -25,8 +27,9 @@ import json
 from absl import flags
 
 from tfllm import atomic, benchmark, cli, costmodel, distributed
-from tfllm.config import ConfigError
-from tfllm.flags import define_data_flags, define_model_flags, define_train_flags, model_config_from_flags
+from tfllm.config import ConfigError, TrainConfig
+from tfllm.flags import (define_data_flags, define_model_flags, define_train_flags, model_config_from_flags,
+                         preset_model_config)
 from tfllm.models import count_params, flops_per_token
 from tfllm.summary import SummaryWriter
 
@@ -75,28 +78,46 @@ def _costmodel(cfg) -> tuple[dict, list]:
     return costmodel.report(_read_json(FLAGS.calibration_json, "calibration_json"), scenario, FLAGS.plot)
 
 
+def _model_config():
+    """The flags' architecture, or --init_preset's (only its shape matters here, not its weights)."""
+    cfg = model_config_from_flags()
+    if FLAGS.init_preset:
+        cfg = preset_model_config(FLAGS.init_preset, cfg)
+        if not FLAGS["bench_vocab"].present:
+            return cfg
+    return dataclasses.replace(cfg, vocab_size=FLAGS.bench_vocab)
+
+
 def main(argv):
     world = distributed.init()
-    cfg = dataclasses.replace(model_config_from_flags(), vocab_size=FLAGS.bench_vocab)
+    cfg = _model_config()
     common = dict(batch=FLAGS.batch_size, seq_len=FLAGS.seq_len, steps=FLAGS.bench_steps, warmup=FLAGS.bench_warmup)
+    # The step pretraining would run with these flags: its slices, accumulation and clipping.
+    step_shape = dict(parallel_slices=FLAGS.parallel_slices, grad_accum_steps=FLAGS.grad_accum_steps,
+                      clip_norm=FLAGS.clip_norm)
+    TrainConfig(model_dir="(benchmark)", batch_size=FLAGS.batch_size, grad_accum_steps=FLAGS.grad_accum_steps,
+                parallel_slices=FLAGS.parallel_slices, precision=FLAGS.precision).validate()
     if FLAGS.mode in ("overhead", "variants", "generate", "costmodel") and world.size > 1:
         raise ConfigError(f"--mode={FLAGS.mode} runs in a single process; use --mode=step under horovodrun/mpirun")
     if FLAGS.mode == "step":
         result = benchmark.measure_step(cfg, **common, jit_compile=FLAGS.jit_compile, precision=FLAGS.precision,
-                                        fp16_allreduce=FLAGS.fp16_allreduce)
+                                        fp16_allreduce=FLAGS.fp16_allreduce, **step_shape)
         if FLAGS.baseline_json:
             result["scaling_efficiency"] = benchmark.scaling_efficiency(result, _read_json(FLAGS.baseline_json, "baseline_json"))
         table = [list(benchmark.TABLE_FIELDS)] + [benchmark.table_row(result)]
     elif FLAGS.mode == "overhead":
         result = benchmark.measure_step(cfg, **common, jit_compile=FLAGS.jit_compile, precision=FLAGS.precision,
-                                        mode="overhead")
-        fit = benchmark.time_keras_fit(cfg, **common, jit_compile=FLAGS.jit_compile, precision=FLAGS.precision)
+                                        mode="overhead", **step_shape)
+        # keras's equivalent of K accumulated micro-batches is one batch K times as large.
+        fit = benchmark.time_keras_fit(cfg, **dict(common, batch=FLAGS.grad_accum_steps * FLAGS.batch_size),
+                                       jit_compile=FLAGS.jit_compile, precision=FLAGS.precision,
+                                       clip_norm=FLAGS.clip_norm)
         result.update(keras_fit_step_ms=1000 * fit.median_s, overhead_ratio=result["step_ms_median"] / (1000 * fit.median_s))
         table = [["", "median ms", "p10 ms", "p90 ms"],
                  ["tfllm step", *(f"{result[k]:.2f}" for k in ("step_ms_median", "step_ms_p10", "step_ms_p90"))],
                  ["keras model.fit", *(f"{1000 * t:.2f}" for t in (fit.median_s, fit.p10_s, fit.p90_s))]]
     elif FLAGS.mode == "variants":
-        runs = [benchmark.measure_step(cfg, **common, jit_compile=jit, precision=p, mode="variants")
+        runs = [benchmark.measure_step(cfg, **common, jit_compile=jit, precision=p, mode="variants", **step_shape)
                 for p in FLAGS.variant_precisions for jit in (True, False)]
         result = {"mode": "variants", "runs": runs}
         table = [list(benchmark.TABLE_FIELDS)] + [benchmark.table_row(r) for r in runs]

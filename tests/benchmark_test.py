@@ -89,3 +89,43 @@ def test_bad_requests_are_one_line_errors(tmp_path):
     (tmp_path / "one.json").write_text(json.dumps({"world_size": 1, "tokens_per_sec_global": 1.0}))
     wrong = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={tmp_path / 'one.json'}"], check=False)
     assert wrong.returncode == 1 and "error:" in wrong.stderr
+
+
+def test_step_is_measured_as_the_flags_configure_it(tmp_path):
+    out = run(TINY_BENCH + ["--mode=step", "--parallel_slices=2", "--grad_accum_steps=2", "--clip_norm=0.5",
+                            f"--output_json={tmp_path / 's.json'}"])
+    rec = json.loads((tmp_path / "s.json").read_text())
+    assert (rec["parallel_slices"], rec["grad_accum_steps"], rec["clip_norm"]) == (2, 2, 0.5)
+    # An optimizer step of 2 micro-batches of 4 windows of 16 tokens.
+    assert rec["tokens_per_sec_global"] == pytest.approx(2 * 4 * 16 / (rec["step_ms_median"] / 1000))
+    assert _last_json(out.stdout) == rec
+
+    fit = run(TINY_BENCH + ["--mode=overhead", "--grad_accum_steps=2", "--clip_norm=0.5",
+                            f"--output_json={tmp_path / 'o.json'}"])
+    assert json.loads((tmp_path / "o.json").read_text())["grad_accum_steps"] == 2 and "keras model.fit" in fit.stdout
+
+    uneven = run(TINY_BENCH + ["--parallel_slices=3"], check=False)
+    assert uneven.returncode == 1
+    assert uneven.stderr.strip().splitlines()[-1] == (
+        "error: --batch_size=4 does not split into --parallel_slices=3 equal slices")
+
+
+def test_init_preset_gives_the_architecture_and_refuses_conflicting_flags(tmp_path):
+    import keras
+
+    from tfllm import preset
+    from tfllm.tokenizers import train_tokenizer
+
+    cfg = ModelConfig(family="gpt2", num_layers=1, num_heads=2, hidden_dim=48, max_sequence_length=16, vocab_size=40)
+    keras.utils.set_random_seed(0)
+    model = build_causal_lm(cfg)
+    preset.save(model, train_tokenizer("char", iter(["abcdefg hij"]), 0), str(tmp_path / "p"))
+    args = ["-m", "pipelines.benchmark", f"--init_preset={tmp_path / 'p'}", "--seq_len=16", "--batch_size=4",
+            "--bench_steps=3", "--bench_warmup=1", f"--output_json={tmp_path / 's.json'}"]
+    run(args)
+    rec = json.loads((tmp_path / "s.json").read_text())
+    assert (rec["model"]["num_layers"], rec["model"]["hidden_dim"], rec["model"]["vocab_size"]) == (1, 48, 40)
+    assert rec["params"] == count_params(model)
+
+    conflict = run(args + ["--hidden_dim=32"], check=False)
+    assert conflict.returncode == 1 and "disagrees with --hidden_dim=32 (preset: 48)" in conflict.stderr

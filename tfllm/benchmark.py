@@ -3,7 +3,7 @@
 All timings skip warm-up steps (tracing, XLA compilation) and report the median and spread of
 the measured steps. Synthetic data keeps the input pipeline out of the figures.
 
-- `time_tfllm_step`: tfllm's distributed step (every rank runs it).
+- `time_tfllm_step`: tfllm's distributed step as pretraining configures it (every rank runs it).
 - `time_keras_fit`: `model.fit` of the same keras-hub model, same optimizer, same batches
   (single process; Horovod's Keras callbacks do not work with Keras 3). The ratio of the two
   medians is tfllm's overhead.
@@ -32,8 +32,9 @@ from tfllm.step import TrainStep, sync_state
 from tfllm.summary import device_peak_flops
 
 # Every key of `measure_step`'s record (the tests check the JSON against this list).
-STEP_FIELDS = ("mode", "world_size", "device", "model", "params", "flops_per_token", "grad_bytes", "batch_per_rank",
-               "seq_len", "precision", "jit_compile", "fp16_allreduce", "warmup_steps", "measured_steps",
+STEP_FIELDS = ("mode", "world_size", "device", "model", "params", "flops_per_token", "grad_bytes",
+               "batch_per_rank", "seq_len", "parallel_slices", "grad_accum_steps", "clip_norm", "precision",
+               "jit_compile", "fp16_allreduce", "warmup_steps", "measured_steps",
                "step_ms_median", "step_ms_p10", "step_ms_p90", "tokens_per_sec_per_rank", "tokens_per_sec_global",
                "model_flops_per_sec_per_rank", "model_flops_per_sec_global", "peak_flops_per_device", "mfu",
                "peak_memory_bytes", "allreduce_ms", "allreduce_share", "latency_allreduce_ms")
@@ -57,8 +58,8 @@ def synthetic_windows(n: int, batch: int, seq_len: int, vocab: int, seed: int = 
     return rng.integers(3, vocab, size=(n, batch, seq_len + 1), dtype=np.int64).astype(np.int32)
 
 
-def _optimizer(lr: float = 1e-3):
-    return keras.optimizers.AdamW(learning_rate=lr, weight_decay=0.1, beta_2=0.99)
+def _optimizer(lr: float = 1e-3, global_clipnorm: float | None = None):
+    return keras.optimizers.AdamW(learning_rate=lr, weight_decay=0.1, beta_2=0.99, global_clipnorm=global_clipnorm)
 
 
 def build(cfg: ModelConfig, precision: str = "float32"):
@@ -68,19 +69,23 @@ def build(cfg: ModelConfig, precision: str = "float32"):
 
 
 def time_tfllm_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int, jit_compile: bool,
-                    precision: str = "float32", fp16_allreduce: bool = False, clip_norm: float = 0.0) -> tuple[Timing, dict]:
+                    precision: str = "float32", fp16_allreduce: bool = False, clip_norm: float = 0.0,
+                    parallel_slices: int = 1, grad_accum_steps: int = 1) -> tuple[Timing, dict]:
+    """Times pretraining's optimizer step as configured: K micro-batches of `batch`, P slices each."""
     model = build(cfg, precision)
     optimizer = _optimizer()
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    step = TrainStep(model, optimizer, batch, seq_len, 1, clip_norm, jit_compile, fp16_allreduce)
+    step = TrainStep(model, optimizer, batch, seq_len, grad_accum_steps, clip_norm, jit_compile, fp16_allreduce,
+                     parallel_slices=parallel_slices)
     step.build()
     sync_state(model, optimizer)
-    data = tf.constant(synthetic_windows(warmup + steps, batch, seq_len, cfg.vocab_size, distributed.world().rank))
+    data = tf.constant(synthetic_windows((warmup + steps) * grad_accum_steps, batch, seq_len, cfg.vocab_size,
+                                         distributed.world().rank).reshape(warmup + steps, grad_accum_steps, batch, -1))
     times = []
     for i in range(warmup + steps):
         t = time.perf_counter()
-        metrics = step(data[i][None])
+        metrics = step(data[i])
         float(metrics["loss"])  # wait for the step to finish
         if i >= warmup:
             times.append(time.perf_counter() - t)
@@ -106,10 +111,11 @@ class _StepTimer(keras.callbacks.Callback):
 
 
 def time_keras_fit(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int, jit_compile: bool,
-                   precision: str = "float32") -> Timing:
+                   precision: str = "float32", clip_norm: float = 0.0) -> Timing:
+    """`model.fit` steps of `batch` windows; clipping, when asked, by keras's own global_clipnorm."""
     model = build(cfg, precision)
-    model.compile(optimizer=_optimizer(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=jit_compile)
+    model.compile(optimizer=_optimizer(global_clipnorm=clip_norm or None),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit_compile)
     windows = synthetic_windows(warmup + steps, batch, seq_len, cfg.vocab_size).reshape(-1, seq_len + 1)
     ds = tf.data.Dataset.from_tensor_slices(windows).batch(batch).map(
         lambda w: (split_window(w)[0], w[:, 1:])).prefetch(2)
@@ -143,27 +149,30 @@ def time_allreduces(grad_shapes: list[tuple[int, ...]], steps: int, warmup: int,
 
 
 def measure_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int, jit_compile: bool,
-                 precision: str = "float32", fp16_allreduce: bool = False, mode: str = "step") -> dict:
+                 precision: str = "float32", fp16_allreduce: bool = False, mode: str = "step",
+                 clip_norm: float = 0.0, parallel_slices: int = 1, grad_accum_steps: int = 1) -> dict:
     """Step time, throughput, model FLOP/s and MFU, memory and the allreduce share at this world size.
 
     Every rank must call it (the step and the allreduce timings are collective). The allreduce
     is timed separately from the step, with the gradients' shapes and wire dtype, after a barrier.
     """
     world = distributed.world()
-    step, info = time_tfllm_step(cfg, batch, seq_len, steps, warmup, jit_compile, precision, fp16_allreduce)
+    step, info = time_tfllm_step(cfg, batch, seq_len, steps, warmup, jit_compile, precision, fp16_allreduce,
+                                 clip_norm, parallel_slices, grad_accum_steps)
     if world.size > 1:
         grads_timing, small_timing = time_allreduces(info["grad_shapes"], steps, warmup, fp16_allreduce)
         ar, latency = grads_timing.median_s, small_timing.median_s
     else:
         ar = latency = 0.0  # a single process skips the allreduce
-    tokens = batch * seq_len
+    tokens = grad_accum_steps * batch * seq_len
     per_rank = tokens / step.median_s
     device, peak = device_peak_flops()
     flops_rank = per_rank * info["flops_per_token"]
     record = {
         "mode": mode, "world_size": world.size, "device": device, "model": dataclasses.asdict(cfg),
         "params": info["params"], "flops_per_token": info["flops_per_token"], "grad_bytes": info["grad_bytes"],
-        "batch_per_rank": batch, "seq_len": seq_len, "precision": precision, "jit_compile": jit_compile,
+        "batch_per_rank": batch, "seq_len": seq_len, "parallel_slices": parallel_slices,
+        "grad_accum_steps": grad_accum_steps, "clip_norm": clip_norm, "precision": precision, "jit_compile": jit_compile,
         "fp16_allreduce": fp16_allreduce, "warmup_steps": warmup, "measured_steps": step.steps,
         "step_ms_median": 1000 * step.median_s, "step_ms_p10": 1000 * step.p10_s, "step_ms_p90": 1000 * step.p90_s,
         "tokens_per_sec_per_rank": per_rank, "tokens_per_sec_global": world.size * per_rank,

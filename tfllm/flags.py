@@ -185,7 +185,7 @@ _ARCHITECTURE_FLAGS = {"model": lambda m: m.family, "num_layers": lambda m: m.nu
                        "max_sequence_length": lambda m: m.max_sequence_length}
 
 
-def _model_config_from_preset(path: str, from_flags: ModelConfig) -> ModelConfig:
+def preset_model_config(path: str, from_flags: ModelConfig) -> ModelConfig:
     """The preset's architecture; model flags given explicitly (command line or flagfile) must agree."""
     from_preset = preset.model_config(path)
     checked = [n for n in _ARCHITECTURE_FLAGS if n != "max_sequence_length" or from_preset.family == "gpt2"]
@@ -223,7 +223,7 @@ def config_from_flags() -> Config:
             # by now: what the preset decided is in the saved config.
             model, data.tokenizer_dir = previous.model, data.tokenizer_dir or previous.data.tokenizer_dir
         else:
-            model = _model_config_from_preset(train.init_preset, model)
+            model = preset_model_config(train.init_preset, model)
             data.tokenizer_dir = data.tokenizer_dir or preset.tokenizer_dir(train.init_preset)
     return Config(data=data, model=model, optimizer=optimizer, train=train)
 
