@@ -157,8 +157,9 @@ def measure_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup:
     is timed separately from the step, with the gradients' shapes and wire dtype, after a barrier.
     """
     world = distributed.world()
-    step, info = time_tfllm_step(cfg, batch, seq_len, steps, warmup, jit_compile, precision, fp16_allreduce,
-                                 clip_norm, parallel_slices, grad_accum_steps)
+    step, info = time_tfllm_step(cfg, batch, seq_len, steps, warmup, jit_compile, precision=precision,
+                                 fp16_allreduce=fp16_allreduce, clip_norm=clip_norm, parallel_slices=parallel_slices,
+                                 grad_accum_steps=grad_accum_steps)
     if world.size > 1:
         grads_timing, small_timing = time_allreduces(info["grad_shapes"], steps, warmup, fp16_allreduce)
         ar, latency = grads_timing.median_s, small_timing.median_s
