@@ -10,7 +10,7 @@ export TFLLM_VENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-fast gpu-build-check bench clean
+.PHONY: install demo test test-fast gpu-build-check bench bench-cluster cluster-down clean
 
 install:
 	@bash .ci/install.sh
@@ -50,6 +50,17 @@ bench: install
 	$(PY) -m pipelines.benchmark $(BENCH_FLAGS) --mode=variants --bench_steps=40 --output_json=.bench/variants.json
 	$(PY) -m pipelines.benchmark --flagfile=flags/gpt2_124m.cfg --bench_vocab=50304 --mode=costmodel \
 	  --calibration_json=.bench/step$(NP).json --plot=.bench/scaling.png --output_json=.bench/costmodel.json
+
+# Step and allreduce times on 2 and 3 emulated hosts (network namespaces, root) over links shaped to
+# 1 and 10 Gbit/s, and the cost model calibrated on 2 hosts against 3 (about 15 minutes on 2 cores).
+bench-cluster: install
+	@bash .ci/test-tools.sh
+	mkdir -p .bench
+	$(PY) tests/benchmarks/cluster_bench.py --output_json=.bench/cluster.json
+
+# Removes every emulated cluster left on this machine (`python -m tests.cluster.emulated up` makes one).
+cluster-down:
+	$(PY) -m tests.cluster.emulated down
 
 clean:
 	rm -rf runs build .pytest_cache

@@ -1,7 +1,6 @@
 """Renders a tfllm pretraining MPIJob (and its flagfile ConfigMap); prints, writes or submits it.
 
-Apply the shared volume and TensorBoard once (kubectl kustomize --load-restrictor=LoadRestrictionsNone
-k8s/base | kubectl apply -f -), then per job:
+Apply the shared volume and TensorBoard once (kubectl apply -k k8s/base), then per job:
     python -m pipelines.submit --name=gpt2-4x8 --workers=4 --gpus_per_worker=8 \
         --image=ghcr.io/you/tfllm-gpu:0.1.0 --job_flagfile=flags/gpt2_124m.cfg --extra_args=--corpus=/data/text
     python -m pipelines.submit ... --output=job.yaml          # write instead of printing

@@ -66,7 +66,7 @@ def validate_objects(docs, mpijob_validator):
 def kustomize(overlay: str) -> list[dict]:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl (with kustomize) is required: `make test` installs it"
-    out = subprocess.run([kubectl, "kustomize", "--load-restrictor=LoadRestrictionsNone", str(REPO / "k8s" / overlay)],
+    out = subprocess.run([kubectl, "kustomize", str(REPO / "k8s" / overlay)],
                          capture_output=True, text=True, check=True)
     return list(yaml.safe_load_all(out.stdout))
 

@@ -17,7 +17,7 @@ from absl import app
 EXIT_SIGNALLED = 143  # 128 + SIGTERM: a preempted job is not a finished one, so it gets restarted
 USER_ERRORS = {"tfllm.config": "ConfigError", "tfllm.data.corpus": "CorpusError", "tfllm.data.pipeline": "DataError",
                "tfllm.checkpoint": "CheckpointError", "tfllm.train": "TrainingError",
-               "tfllm.labelled": "LabelledDataError"}
+               "tfllm.labelled": "LabelledDataError", "tfllm.interfaces": "InterfaceError"}
 
 
 def _loaded(classes: dict[str, str]) -> tuple[type, ...]:
@@ -37,7 +37,8 @@ def run(main) -> None:
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 sys.exit(1)
             if isinstance(e, _loaded({"tfllm.train": "StopRequested"})):
-                print(f"tfllm: {e}", file=sys.stderr, flush=True)
+                if e.checkpoint:  # rank 0 alone saves, so it alone reports
+                    print(f"tfllm: {e}", file=sys.stderr, flush=True)
                 sys.exit(EXIT_SIGNALLED)
             raise
 

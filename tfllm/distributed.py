@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from tfllm import interfaces, launcher_watch
 
 try:  # Horovod is optional at import time so that single-process tools run anywhere.
     if os.environ.get("TFLLM_DISABLE_HOROVOD") == "1":
@@ -32,6 +35,11 @@ class World:
     local_rank: int = 0
     local_size: int = 1
     backend: str = "none"  # none | gloo | mpi
+    hosts: tuple[str, ...] = ()  # host name of each rank, by rank
+
+    def placement(self) -> str:
+        """'h1 (rank 0), h2 (rank 1)': how launcher messages about rank N map to hosts."""
+        return ", ".join(f"{h} (rank{'s' if n > 1 else ''} {r})" for h, r, n in _ranges(self.hosts))
 
     @property
     def is_chief(self) -> bool:
@@ -51,12 +59,17 @@ def init(pin_gpu: bool = True) -> World:
     if _world is not None:
         return _world
     if hvd is None:
-        _world = World()
+        _world = World(hosts=(socket.gethostname(),))
     else:
+        # A wrong interface setting fails here, on the host that lacks it, before any collective.
+        interfaces.check()
         hvd.init()
         backend = "gloo" if hvd.gloo_enabled() and hvd.gloo_built() else ("mpi" if hvd.mpi_enabled() else "none")
         backend = backend if hvd.size() > 1 else "none"
-        _world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend)
+        hosts = tuple(hvd.allgather_object(socket.gethostname())) if hvd.size() > 1 else (socket.gethostname(),)
+        _world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend, hosts)
+        if hvd.size() > 1:
+            launcher_watch.start()
     if pin_gpu:
         _pin_gpu(_world.local_rank)
     _share_cpu_threads(_world.local_size)
@@ -78,6 +91,17 @@ def _share_cpu_threads(local_size: int) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
     except RuntimeError:  # the runtime already started; the caller configured threads
         pass
+
+
+def _ranges(hosts):
+    """(host, 'a-b' or 'a', count) for runs of consecutive ranks on one host."""
+    out = []
+    for rank, host in enumerate(hosts):
+        if out and out[-1][0] == host and out[-1][2] == rank:
+            out[-1][2] = rank + 1
+        else:
+            out.append([host, rank, rank + 1])
+    return [(h, f"{a}" if b - a == 1 else f"{a}-{b - 1}", b - a) for h, a, b in out]
 
 
 def world() -> World:

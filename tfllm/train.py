@@ -181,7 +181,8 @@ def pretrain(cfg: Config, log=print) -> dict:
                         "learning_rate": cfg.optimizer.learning_rate, "precision": tcfg.precision,
                         "world_size": world.size, "tokenizer": manifest["tokenizer"]["kind"]})
     say(f"model {cfg.model.family}: {n_params:,} parameters, {fpt:,} FLOPs/token; data {train_ds.num_windows:,} "
-        f"train windows of {seq_len}; world {world.size} ({world.backend}); device {device}; "
+        f"train windows of {seq_len}; world {world.size} ({world.backend}{': ' + world.placement() if world.size > 1 else ''}); "
+        f"device {device}; "
         f"global batch {tcfg.batch_size * tcfg.grad_accum_steps * world.size} x {seq_len} tokens; "
         f"malloc {active_allocator()}")
 
@@ -257,9 +258,6 @@ def pretrain(cfg: Config, log=print) -> dict:
                 run_tokens += metrics["tokens"]
                 run_time += elapsed
             history.append(metrics["loss"])
-            if metrics["stop"] > 0:
-                path = save(step, epoch, None, tokens_seen)
-                raise StopRequested(step, path)
             if step % tcfg.log_every == 0 or step == end:
                 tokens_per_sec = window_tokens / max(window_time, 1e-9)
                 step_ms = 1000 * window_time / window_steps
@@ -278,6 +276,9 @@ def pretrain(cfg: Config, log=print) -> dict:
                 say(f"step {step}/{tcfg.train_steps} | loss {metrics['loss']:.4f} | lr {scalars['learning_rate']:.2e} | "
                     f"gnorm {metrics['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | {step_ms:.1f} ms/step{mfu}")
                 window_tokens, window_time, window_steps = 0.0, 0.0, 0
+            if metrics["stop"] > 0:  # after logging: the step ran, so its metrics are kept
+                path = save(step, epoch, None, tokens_seen)
+                raise StopRequested(step, path)
             val = None
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.train_steps:
                 val = validate(step)

@@ -26,7 +26,7 @@ def data_dir(tmp_path_factory):
 
 def test_gloo_two_ranks_end_to_end(data_dir):
     model_dir, proc = pytest.gloo_run
-    assert "world 2 (gloo)" in proc.stdout
+    assert "world 2 (gloo: " in proc.stdout
     assert proc.stdout.count("val_loss=") == 1  # rank 0 alone reports
     assert sorted(os.listdir(model_dir / "checkpoints")) == ["ckpt-00000005", "ckpt-00000010", "index.json"]
     tags = event_tags(model_dir / "tb")
@@ -36,7 +36,7 @@ def test_gloo_two_ranks_end_to_end(data_dir):
 
 def test_mpirun_two_ranks_matches_gloo(tmp_path, data_dir):
     proc = pretrain(tmp_path / "mpi", *FLAGS, launcher="mpi", data_dir=data_dir)
-    assert "world 2 (mpi)" in proc.stdout
+    assert "world 2 (mpi: " in proc.stdout
     gloo = logged_losses(pytest.gloo_run[0])
     mpi = logged_losses(tmp_path / "mpi")
     np.testing.assert_allclose([mpi[s] for s in range(1, 11)], [gloo[s] for s in range(1, 11)], rtol=1e-5)

@@ -1,0 +1,88 @@
+"""Step and allreduce times across emulated hosts on shaped links; the cost model calibrated on
+2 hosts and checked against 3.
+
+    python tests/benchmarks/cluster_bench.py --output_json=.bench/cluster.json     # or: make bench-cluster
+
+For each link rate (tc tbf, both directions) and model, `pipelines.benchmark --mode=step` runs
+under horovodrun on 2 and then 3 hosts of one emulated cluster (one rank per host). The 2-host
+record calibrates tfllm/costmodel.py's link (alpha from the 4-byte allreduce, beta from the
+gradients' allreduce); its 3-host prediction of the gradient allreduce is set against the
+3-host measurement. The hosts share this machine's 2 cores, so compute is inflated and each rank
+gets one intra-op thread; the allreduce figures are the ones that speak for real links.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "cluster")]
+
+from emulated import Cluster  # noqa: E402
+from tfllm.costmodel import Link, local_calibration, ring_allreduce_seconds  # noqa: E402
+
+MODELS = {
+    "shakespeare_char": ["--flagfile=flags/shakespeare_char.cfg"],
+    # About 10x the parameters: width 384 (6 heads) instead of 128, same depth and context.
+    "shakespeare_x10": ["--flagfile=flags/shakespeare_char.cfg", "--hidden_dim=384", "--num_heads=6"],
+}
+
+
+def run_step(cluster: Cluster, hosts: int, model_flags: list[str], steps: int, out: pathlib.Path) -> dict:
+    bin_dir = pathlib.Path(sys.executable).parent
+    spec = ",".join(f"h{i}:1" for i in range(1, hosts + 1))
+    argv = [str(bin_dir / "horovodrun"), "-np", str(hosts), "-H", spec, "--gloo", "--disable-cache", sys.executable,
+            "-m", "pipelines.benchmark", *model_flags, "--mode=step", f"--bench_steps={steps}",
+            "--parallel_slices=1", f"--output_json={out}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", TF_NUM_INTRAOP_THREADS="1",
+               TF_NUM_INTEROP_THREADS="2")
+    proc = cluster.run(argv, cwd=str(REPO), env=env, timeout=900)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: benchmark on {hosts} hosts failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rates", default="1gbit,10gbit")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--bench_steps", type=int, default=30)
+    p.add_argument("--output_json", default=".bench/cluster.json")
+    args = p.parse_args()
+    out_dir = pathlib.Path(args.output_json).resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with Cluster(3) as cluster:
+        for rate in args.rates.split(","):
+            cluster.set_rate(rate)
+            for name in args.models.split(","):
+                records = {n: run_step(cluster, n, MODELS[name], args.bench_steps, out_dir / f"cluster-{rate}-{name}-{n}.json")
+                           for n in (2, 3)}
+                cal = local_calibration(records[2])
+                predicted = ring_allreduce_seconds(records[3]["grad_bytes"], 3,
+                                                   Link(cal["bandwidth_bytes_per_s"], cal["latency_s"]))
+                for n, r in records.items():
+                    rows.append({"rate": rate, "model": name, "hosts": n, "params": r.get("params"),
+                                 "grad_bytes": r["grad_bytes"], "step_ms": r["step_ms_median"],
+                                 "allreduce_ms": r["allreduce_ms"], "allreduce_share": r["allreduce_share"],
+                                 "predicted_allreduce_ms": 1000 * predicted if n == 3 else None,
+                                 "calibrated_bandwidth_gbit": 8 * cal["bandwidth_bytes_per_s"] / 1e9,
+                                 "latency_us": 1e6 * cal["latency_s"]})
+                print(json.dumps(rows[-2:]), flush=True)
+    pathlib.Path(args.output_json).write_text(json.dumps(rows, indent=1))
+    print("| link | model | hosts | step ms | allreduce ms (share) | 3-host allreduce predicted from 2 | error |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        pred = r["predicted_allreduce_ms"]
+        err = f"{100 * (pred - r['allreduce_ms']) / r['allreduce_ms']:+.1f}%" if pred else ""
+        print(f"| {r['rate']} | {r['model']} | {r['hosts']} | {r['step_ms']:.1f} | {r['allreduce_ms']:.1f} "
+              f"({100 * r['allreduce_share']:.1f}%) | {f'{pred:.1f}' if pred else ''} | {err} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
