@@ -58,15 +58,16 @@ def init(pin_gpu: bool = True) -> World:
     global _world
     if _world is not None:
         return _world
+    host = socket.gethostname()
     if hvd is None:
-        _world = World(hosts=(socket.gethostname(),))
+        _world = World(hosts=(host,))
     else:
         # A wrong interface setting fails here, on the host that lacks it, before any collective.
         interfaces.check()
         hvd.init()
         backend = "gloo" if hvd.gloo_enabled() and hvd.gloo_built() else ("mpi" if hvd.mpi_enabled() else "none")
         backend = backend if hvd.size() > 1 else "none"
-        hosts = tuple(hvd.allgather_object(socket.gethostname())) if hvd.size() > 1 else (socket.gethostname(),)
+        hosts = tuple(hvd.allgather_object(host)) if hvd.size() > 1 else (host,)
         _world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend, hosts)
         if hvd.size() > 1:
             launcher_watch.start()

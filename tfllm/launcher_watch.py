@@ -1,7 +1,7 @@
 """Stops a rank whose launcher is gone, the way SIGTERM stops it: at a step every rank agrees on.
 
 horovodrun reaches the ranks on other hosts through ssh. Terminated (Ctrl-C, SIGTERM, a deleted
-launcher pod), horovodrun 0.28.1 kills its local ssh clients and returns 0; nothing is sent to
+launcher pod), horovodrun 0.28.1 kills its local ssh clients and exits 1; nothing is sent to
 the remote ranks, which are healthy and connected to each other, so they trained on with no
 one watching and no end. Measured on the emulated cluster: both ranks still training after the
 launcher had exited. mpirun forwards SIGTERM itself, but a rank whose orted dies is in the same

@@ -58,11 +58,11 @@ def horovodrun(c: Cluster, hosts: list[str], *, extra: tuple[str, ...] = ()) -> 
             "--ssh-identity-file", str(c.key), *extra, sys.executable]
 
 
-def mpirun(c: Cluster, hosts: list[str]) -> list[str]:
+def mpirun(c: Cluster, hosts: list[str], *, extra: tuple[str, ...] = ()) -> list[str]:
     """mpirun as mpi-operator's launcher runs it: the hostfile from the environment, no -np."""
     c.hostfile(1, hosts)
     return ["mpirun", "--bind-to", "none", "-x", "PATH", "-x", "PYTHONUNBUFFERED", "-x", "TF_CPP_MIN_LOG_LEVEL",
-            "python"]
+            *extra, "python"]
 
 
 def launcher_env(c: Cluster, **extra) -> dict:

@@ -324,10 +324,9 @@ def _owner(ns: str) -> int | None:
 
 def sweep_stale(everything: bool = False) -> list[str]:
     """Removes clusters whose creating process is gone (all of tfllm's with everything=True)."""
-    stale = [ns for ns in _netns_list()
-             if _owner(ns) is not None and (everything or not _alive(_owner(ns)))]
-    stale += [p.name for p in NETNS_ETC.glob(f"{PREFIX}*") if _owner(p.name) is not None
-              and (everything or not _alive(_owner(p.name))) and p.name not in stale] if NETNS_ETC.exists() else []
+    # A namespace, or an /etc/netns entry whose namespace is already gone.
+    names = set(_netns_list()) | {p.name for p in NETNS_ETC.glob(f"{PREFIX}*")}
+    stale = sorted(n for n in names if _owner(n) is not None and (everything or not _alive(_owner(n))))
     if stale:
         _remove(stale)
     return stale

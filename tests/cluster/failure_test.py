@@ -9,6 +9,7 @@ comes first; BOUND_S leaves room for this 2-core machine's load.
 import json
 import os
 import signal
+import subprocess
 import time
 
 import numpy as np
@@ -71,7 +72,7 @@ def wait_exit(job, log):
     started = time.monotonic()
     try:
         job.wait(BOUND_S)
-    except Exception:
+    except subprocess.TimeoutExpired:
         job.kill()
         raise AssertionError(f"the launcher was still running {BOUND_S} s after the failure:\n"
                              f"{log.read_text()[-3000:]}")

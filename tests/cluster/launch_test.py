@@ -6,8 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from cluster_fixtures import (SMALL, TINY, cluster3, cpu_smoke_launcher, horovodrun, launch, launcher_env,  # noqa: F401
-                              mpirun)
+from cluster_fixtures import SMALL, TINY, cluster3, cpu_smoke_launcher, horovodrun, launch, mpirun  # noqa: F401
 from conftest import run
 from pretrain_helpers import logged_losses
 
@@ -31,7 +30,7 @@ def test_two_hosts_horovodrun_and_cpu_smoke_mpirun_match_localhost(cluster3, tmp
     pod = tmp_path / "pod"
     cluster3.hostfile(1, ["h1", "h2"])
     argv = cpu_smoke_launcher(pod) + SMALL + STEPS
-    proc = launch(cluster3, argv, cwd=pod / "etc" / "tfllm", env=launcher_env(cluster3))
+    proc = launch(cluster3, argv, cwd=pod / "etc" / "tfllm")
     assert "world 2 (mpi: h1 (rank 0), h2 (rank 1))" in proc.stdout
     smoke = logged_losses(pod / "data" / "runs" / "tfllm-cpu-smoke" / "model")
     np.testing.assert_allclose([smoke[s] for s in range(1, 11)], [local[s] for s in range(1, 11)], rtol=1e-5)
@@ -73,10 +72,8 @@ def test_three_hosts_odd_world_with_fewer_shards_than_ranks(cluster3, tmp_path):
 
 
 def test_an_interface_a_host_lacks_is_one_error_line_naming_it(cluster3, tmp_path):
-    cluster3.hostfile(1, ["h1", "h2"])
-    proc = launch(cluster3, mpirun(cluster3, ["h1", "h2"])[:1] + ["--mca", "btl_tcp_if_include", "eth9"]
-                  + mpirun(cluster3, ["h1", "h2"])[1:] + TINY + [f"--model_dir={tmp_path / 'm'}"],
-                  check=False, timeout=120)
+    argv = mpirun(cluster3, ["h1", "h2"], extra=("--mca", "btl_tcp_if_include", "eth9"))
+    proc = launch(cluster3, argv + TINY + [f"--model_dir={tmp_path / 'm'}"], check=False, timeout=120)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors, proc.stderr[-3000:]
