@@ -128,6 +128,8 @@ def test_sigterm_to_launcher_stops_every_rank_at_one_step_with_a_checkpoint(clus
     assert not rank_pids(cluster, "h1") and not rank_pids(cluster, "h2"), "ranks outlived their launcher"
     if kind == "mpi":
         assert job.returncode != 0
+        # mpirun relays every rank's stderr: rank 0, which saved, reports the stop; rank 1 does not.
+        assert (tmp_path / "job.log").read_text().count("tfllm: stopped by signal at step") == 1
     # Every rank stopped after the same step: the checkpoint rank 0 saved is the last logged step.
     index = json.loads((model_dir / "checkpoints" / "index.json").read_text())
     last = max(logged_losses(model_dir))
