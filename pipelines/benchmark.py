@@ -6,6 +6,7 @@ pretraining flagfile drives it and the step measured is the step that flagfile t
 --init_preset=DIR measures the preset's architecture (and vocabulary, unless --bench_vocab is given).
 Modes (synthetic windows, warm-up steps excluded; see tfllm/benchmark.py and tfllm/costmodel.py):
   step       step time, tokens/s, model FLOP/s and MFU, peak memory, allreduce share
+  buckets    step time per --allreduce_buckets value (--bench_buckets), and the share of the allreduce hidden
   overhead   tfllm's step vs a plain keras-hub `model.fit` of the same model (single process)
   variants   float32 / mixed_bfloat16 x XLA on/off (single process)
   generate   key/value-cached generation vs a full forward pass per token
@@ -36,7 +37,9 @@ from tfllm.summary import SummaryWriter
 define_data_flags()
 define_model_flags()
 define_train_flags()  # so that pretraining flagfiles drive the benchmark as they are
-flags.DEFINE_enum("mode", "step", ["step", "overhead", "variants", "generate", "costmodel"], "What to measure.")
+flags.DEFINE_enum("mode", "step", ["step", "buckets", "overhead", "variants", "generate", "costmodel"],
+                  "What to measure.")
+flags.DEFINE_list("bench_buckets", ["1", "2", "4", "8"], "buckets mode: --allreduce_buckets values to compare.")
 flags.DEFINE_integer("bench_vocab", 68, "Vocabulary size of the synthetic data.")
 flags.DEFINE_integer("bench_steps", 60, "Measured steps.")
 flags.DEFINE_integer("bench_warmup", 10, "Unmeasured warm-up steps (tracing, XLA compilation).")
@@ -88,6 +91,17 @@ def _model_config():
     return dataclasses.replace(cfg, vocab_size=FLAGS.bench_vocab)
 
 
+def _bucket_counts(cfg) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(b) for b in FLAGS.bench_buckets)
+    except ValueError:
+        raise ConfigError(f"--bench_buckets={','.join(FLAGS.bench_buckets)}: expected integers") from None
+    if 1 not in counts or not all(1 <= b <= cfg.num_layers + 2 for b in counts):
+        raise ConfigError(f"--bench_buckets={','.join(FLAGS.bench_buckets)}: include 1 (no overlap) and stay "
+                          f"within 1..{cfg.num_layers + 2} for a {cfg.num_layers}-layer model")
+    return counts
+
+
 def main(argv):
     world = distributed.init()
     cfg = _model_config()
@@ -105,6 +119,14 @@ def main(argv):
         if FLAGS.baseline_json:
             result["scaling_efficiency"] = benchmark.scaling_efficiency(result, _read_json(FLAGS.baseline_json, "baseline_json"))
         table = [list(benchmark.TABLE_FIELDS)] + [benchmark.table_row(result)]
+    elif FLAGS.mode == "buckets":
+        result = benchmark.measure_buckets(cfg, **common, jit_compile=FLAGS.jit_compile, precision=FLAGS.precision,
+                                           fp16_allreduce=FLAGS.fp16_allreduce, buckets=_bucket_counts(cfg), **step_shape)
+        table = [["allreduce buckets", "step ms", "compute ms", "exposed allreduce ms", "hidden share",
+                  "step / unbucketed"]] + [
+            [r["allreduce_buckets"], f"{r['step_ms']:.1f}", f"{r['compute_ms']:.1f}", f"{r['exposed_allreduce_ms']:.1f}",
+             "" if r["hidden_share"] is None else f"{100 * r['hidden_share']:.1f}%", f"{r['step_over_unbucketed']:.3f}"]
+            for r in result["runs"]]
     elif FLAGS.mode == "overhead":
         result = benchmark.measure_step(cfg, **common, jit_compile=FLAGS.jit_compile, precision=FLAGS.precision,
                                         mode="overhead", **step_shape)

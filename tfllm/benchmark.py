@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from tfllm import distributed
 from tfllm.config import ModelConfig
-from tfllm.models import build_causal_lm, count_params, flops_per_token, split_window
+from tfllm.models import build_causal_lm, count_params, flops_per_token, lm_chain, split_window
 from tfllm.step import TrainStep, sync_state
 from tfllm.summary import device_peak_flops
 
@@ -72,16 +72,9 @@ def time_tfllm_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warm
                     precision: str = "float32", fp16_allreduce: bool = False, clip_norm: float = 0.0,
                     parallel_slices: int = 1, grad_accum_steps: int = 1) -> tuple[Timing, dict]:
     """Times pretraining's optimizer step as configured: K micro-batches of `batch`, P slices each."""
-    model = build(cfg, precision)
-    optimizer = _optimizer()
-    if precision == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    step = TrainStep(model, optimizer, batch, seq_len, grad_accum_steps, clip_norm, jit_compile, fp16_allreduce,
-                     parallel_slices=parallel_slices)
-    step.build()
-    sync_state(model, optimizer)
-    data = tf.constant(synthetic_windows((warmup + steps) * grad_accum_steps, batch, seq_len, cfg.vocab_size,
-                                         distributed.world().rank).reshape(warmup + steps, grad_accum_steps, batch, -1))
+    model, step = _build_step(cfg, batch, seq_len, jit_compile, precision, fp16_allreduce, clip_norm,
+                              parallel_slices, grad_accum_steps)
+    data = _step_data(cfg, warmup + steps, grad_accum_steps, batch, seq_len)
     times = []
     for i in range(warmup + steps):
         t = time.perf_counter()
@@ -95,6 +88,82 @@ def time_tfllm_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warm
             "grad_bytes": int(sum(int(np.prod(v.shape)) * wire_bytes for v in model.trainable_variables)),
             "grad_shapes": [tuple(v.shape) for v in model.trainable_variables]}
     return Timing.of(times), info
+
+
+def _build_step(cfg: ModelConfig, batch: int, seq_len: int, jit_compile: bool, precision: str, fp16_allreduce: bool,
+                clip_norm: float, parallel_slices: int, grad_accum_steps: int, allreduce_buckets: int = 1):
+    model = build(cfg, precision)
+    optimizer = _optimizer()
+    if precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    step = TrainStep(model, optimizer, batch, seq_len, grad_accum_steps, clip_norm, jit_compile, fp16_allreduce,
+                     parallel_slices=parallel_slices, allreduce_buckets=allreduce_buckets, chain=lm_chain(model))
+    step.build()
+    sync_state(model, optimizer)
+    return model, step
+
+
+def _step_data(cfg: ModelConfig, steps: int, grad_accum_steps: int, batch: int, seq_len: int) -> tf.Tensor:
+    return tf.constant(synthetic_windows(steps * grad_accum_steps, batch, seq_len, cfg.vocab_size,
+                                         distributed.world().rank).reshape(steps, grad_accum_steps, batch, -1))
+
+
+def measure_buckets(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int, jit_compile: bool,
+                    buckets=(1, 2, 4, 8), precision: str = "float32", fp16_allreduce: bool = False,
+                    clip_norm: float = 0.0, parallel_slices: int = 1, grad_accum_steps: int = 1) -> dict:
+    """Step time for each allreduce bucket count, and how much of the allreduce each one hides.
+
+    Every round times, in turns (so that all see the same machine): for each B the step, and
+    the same step traced without collectives (its computation alone, on every rank at once),
+    then the gradients' allreduce alone. The exposed communication of B buckets is
+    step(B) - compute(B), and the hidden share is (allreduce - exposed) / allreduce; the
+    segments' own cost shows in compute(B) / compute(1). On one rank there is no allreduce.
+    """
+    if 1 not in buckets:
+        raise ValueError("the bucket counts must include 1, the step without overlap")
+    world = distributed.world()
+    shape = (batch, seq_len, jit_compile, precision, fp16_allreduce, clip_norm, parallel_slices, grad_accum_steps)
+    data = _step_data(cfg, warmup + steps, grad_accum_steps, batch, seq_len)
+    timed = {}
+    for b in buckets:
+        timed[("step", b)] = _build_step(cfg, *shape, allreduce_buckets=b)[1]
+        if world.size > 1:
+            with distributed.local_only():  # traced here, so its graph has no collectives
+                local = _build_step(cfg, *shape, allreduce_buckets=b)[1]
+                local(data[0])
+            timed[("compute", b)] = local
+    model = timed[("step", 1)].model
+    grads = [tf.random.normal(tuple(v.shape)) for v in model.trainable_variables]
+    reduce_grads = tf.function(lambda ts: distributed.grouped_allreduce_mean(ts, compress_fp16=fp16_allreduce))
+    times = {key: [] for key in [*timed, "allreduce"]}
+    for i in range(warmup + steps):
+        for key, step in timed.items():
+            distributed.barrier()
+            t = time.perf_counter()
+            float(step(data[i])["loss"])
+            if i >= warmup:
+                times[key].append(time.perf_counter() - t)
+        if world.size > 1:
+            distributed.barrier()
+            t = time.perf_counter()
+            float(tf.reduce_sum(reduce_grads(grads)[0]))
+            if i >= warmup:
+                times["allreduce"].append(time.perf_counter() - t)
+    median = {key: float(np.median(ts)) if ts else 0.0 for key, ts in times.items()}
+    ar = median["allreduce"]
+    runs = []
+    for b in buckets:
+        step_s, compute_s = median[("step", b)], median.get(("compute", b), median[("step", b)])
+        runs.append({"allreduce_buckets": b, "collectives": timed[("step", b)].allreduce_buckets,
+                     "step_ms": 1000 * step_s, "compute_ms": 1000 * compute_s,
+                     "exposed_allreduce_ms": 1000 * (step_s - compute_s),
+                     "hidden_share": (ar - (step_s - compute_s)) / ar if ar else None,
+                     "step_over_unbucketed": step_s / median[("step", 1)]})
+    return {"mode": "buckets", "world_size": world.size, "model": dataclasses.asdict(cfg),
+            "params": count_params(model), "batch_per_rank": batch, "seq_len": seq_len,
+            "grad_accum_steps": grad_accum_steps, "parallel_slices": parallel_slices, "jit_compile": jit_compile,
+            "precision": precision, "fp16_allreduce": fp16_allreduce, "measured_steps": steps,
+            "allreduce_ms": 1000 * ar, "runs": runs}
 
 
 class _StepTimer(keras.callbacks.Callback):

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfllm.labelled import NO_LABEL, split_rows
+from tfllm.segments import Chain, Unit, backbone_units
 from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
 
 POOLINGS = ("last", "mean")
@@ -63,20 +64,40 @@ def make_loss_fn(class_weights: np.ndarray | None = None):
     Class weights multiply each example's loss; the step still divides by the example count.
     Rows labelled NO_LABEL count for nothing.
     """
-    weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
+    sums = make_logit_sums(class_weights)
 
     def loss_sums(model, batch, training):
-        features, labels = split_rows(batch)
+        return sums(model(split_rows(batch)[0], training=training), batch)
+    return loss_sums
+
+
+def make_logit_sums(class_weights: np.ndarray | None = None):
+    """(logits, rows) -> the sums of `make_loss_fn`, from logits already computed."""
+    weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
+
+    def sums(logits, batch):
+        _, labels = split_rows(batch)
         real = labels != NO_LABEL
         safe = tf.where(real, labels, 0)
-        logits = tf.cast(model(features, training=training), tf.float32)
+        logits = tf.cast(logits, tf.float32)
         nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe, logits=logits)
         mask = tf.cast(real, tf.float32)
         if weights is not None:
             nll = nll * tf.gather(weights, safe)
         correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=safe.dtype), safe), tf.float32)
         return tf.reduce_sum(nll * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask)
-    return loss_sums
+    return sums
+
+
+def classifier_chain(model: keras.Model, backbone: keras.Model, class_weights: np.ndarray | None = None) -> Chain:
+    """`build_classifier`'s model and `make_loss_fn`'s sums as segments, for the bucketed backward."""
+    embed, blocks = backbone_units(backbone, lambda batch: split_rows(batch)[0])
+    pooling, dropout, head = (model.get_layer(n) for n in ("pooling", "head_dropout", "classifier_head"))
+
+    def top(hidden, batch, training):
+        pooled = pooling(backbone.layer_norm(hidden), split_rows(batch)[0]["padding_mask"])
+        return head(dropout(pooled, training=training))
+    return Chain(embed, blocks, Unit("head", top, [backbone.layer_norm, head]), make_logit_sums(class_weights))
 
 
 def balanced_class_weights(label_ids: np.ndarray, num_classes: int) -> np.ndarray:

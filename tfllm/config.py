@@ -132,6 +132,7 @@ class TrainConfig:
     precision: str = "float32"
     jit_compile: bool = False
     fp16_allreduce: bool = False
+    allreduce_buckets: int = 1  # gradient allreduces issued during the backward pass, top layers first
     seed: int = 0
     log_every: int = 10
     eval_every: int = 50
@@ -149,8 +150,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
-        for name in ("batch_size", "grad_accum_steps", "parallel_slices", "train_steps", "log_every",
-                     "keep_checkpoints"):
+        for name in ("batch_size", "grad_accum_steps", "parallel_slices", "allreduce_buckets", "train_steps",
+                     "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be positive")
         if self.batch_size % self.parallel_slices:
@@ -175,6 +176,10 @@ class Config:
         self.model.validate()
         self.optimizer.validate()
         self.train.validate()
+        units = self.model.num_layers + 2  # the head, each transformer layer, the embeddings
+        if self.train.allreduce_buckets > units:
+            raise ConfigError(f"--allreduce_buckets={self.train.allreduce_buckets}: a {self.model.num_layers}-layer "
+                              f"model splits into at most {units} buckets")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,6 +238,7 @@ class FinetuneConfig:
     log_every: int = 50
     keep_checkpoints: int = 2
     jit_compile: bool = True
+    allreduce_buckets: int = 1  # as in TrainConfig; the frozen-backbone steps always send one
     seed: int = 0
     optimizer: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(
         learning_rate=1e-4, min_learning_rate=1e-5, warmup_steps=50, weight_decay=0.01))

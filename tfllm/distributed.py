@@ -10,6 +10,7 @@ as Horovod does with one process: collectives return their input.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -129,8 +130,25 @@ def horovod_available() -> bool:
     return hvd is not None
 
 
+_local_only = False
+
+
 def _collectives_active() -> bool:
-    return hvd is not None and world().size > 1
+    return hvd is not None and world().size > 1 and not _local_only
+
+
+@contextlib.contextmanager
+def local_only():
+    """Collectives traced or run inside return their input, as on one process.
+
+    Benchmarks trace a step in here to time its computation alone on every rank of a job.
+    """
+    global _local_only
+    _local_only = True
+    try:
+        yield
+    finally:
+        _local_only = False
 
 
 def grouped_allreduce_mean(tensors: Sequence[tf.Tensor], compress_fp16: bool = False) -> list[tf.Tensor]:

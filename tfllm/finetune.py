@@ -20,7 +20,7 @@ import tensorflow as tf
 from tfllm import atomic, distributed, labelled
 from tfllm.checkpoint import CheckpointError, CheckpointManager
 from tfllm.classifier import (ClassifierServing, balanced_class_weights, build_classifier, classification_report,
-                              confusion_png, format_report, head_variables, make_loss_fn)
+                              classifier_chain, confusion_png, format_report, head_variables, make_loss_fn)
 from tfllm.config import ConfigError, FinetuneConfig, ModelConfig
 from tfllm.models import build_causal_lm
 from tfllm.restore import TOKENIZER_DIR, load_trained_model, read_model_dir
@@ -131,6 +131,9 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     # Scratch keeps the architecture and tokenizer but not the weights, so it reads no checkpoint.
     pretrained_cfg, tokenizer = read_model_dir(cfg.pretrained_dir)
     context = pretrained_cfg.model.max_sequence_length
+    if not 1 <= cfg.allreduce_buckets <= pretrained_cfg.model.num_layers + 2:
+        raise ConfigError(f"--allreduce_buckets={cfg.allreduce_buckets}: a {pretrained_cfg.model.num_layers}-layer "
+                          f"model splits into 1 to {pretrained_cfg.model.num_layers + 2} buckets")
     if pretrained_cfg.model.family == "gpt2" and cfg.max_length > context:
         raise ConfigError(f"--max_length={cfg.max_length} exceeds the pretrained model's context ({context} positions)")
     classes, train_rows, val_rows = _load_data(cfg, tokenizer)
@@ -144,8 +147,11 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     weights = balanced_class_weights(train_rows[:, 0], len(classes)) if cfg.class_weighted else None
     loss_fn = make_loss_fn(weights)
     clip = cfg.optimizer.clip_norm
-    full_step = TrainStep(model, optimizer, cfg.batch_size, 1, 1, clip, cfg.jit_compile, loss_fn=loss_fn)
+    full_step = TrainStep(model, optimizer, cfg.batch_size, 1, 1, clip, cfg.jit_compile, loss_fn=loss_fn,
+                          allreduce_buckets=cfg.allreduce_buckets, chain=classifier_chain(model, backbone, weights))
     full_step.build()
+    # Only the head trains here: its gradients exist right after the head's backward, so one
+    # allreduce hides nothing less than B would.
     head_step = TrainStep(model, optimizer, cfg.batch_size, 1, 1, clip, cfg.jit_compile, loss_fn=loss_fn,
                           variables=head_variables(model, backbone))
 

@@ -88,6 +88,10 @@ def define_train_flags() -> None:
     flags.DEFINE_enum("precision", _T.precision, PRECISIONS, "Keras dtype policy.")
     flags.DEFINE_bool("jit_compile", _T.jit_compile, "XLA-compile the forward/backward and optimizer update.")
     flags.DEFINE_bool("fp16_allreduce", _T.fp16_allreduce, "Send gradients over the wire as float16.")
+    flags.DEFINE_integer("allreduce_buckets", _T.allreduce_buckets,
+                         "Split the gradients by depth into this many allreduces, each sent while the backward "
+                         "pass of the layers below still runs; 1 (the default): one allreduce after the backward "
+                         "pass. At most layers + 2. README, Performance: when it pays.")
     flags.DEFINE_integer("seed", _T.seed, "Initialisation and shuffle seed.")
     flags.DEFINE_integer("log_every", _T.log_every, "Steps between progress lines and TensorBoard scalars.")
     flags.DEFINE_integer("eval_every", _T.eval_every, "Steps between validations (0: only at the end).")
@@ -211,7 +215,7 @@ def config_from_flags() -> Config:
     optimizer = optimizer_config_from_flags()
     train = TrainConfig(**{name: getattr(FLAGS, name) for name in (
         "model_dir", "batch_size", "grad_accum_steps", "parallel_slices", "train_steps", "precision", "jit_compile",
-        "fp16_allreduce", "seed", "log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints", "sample_every",
+        "fp16_allreduce", "allreduce_buckets", "seed", "log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints", "sample_every",
         "sample_prompt", "sample_tokens", "verify_data", "shuffle_buffer", "stop_after", "init_preset")})
     data = data_config_from_flags()
     model = model_config_from_flags()

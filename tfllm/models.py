@@ -14,6 +14,7 @@ import keras_hub
 import tensorflow as tf
 
 from tfllm.config import ConfigError, ModelConfig
+from tfllm.segments import Chain, Unit, backbone_units
 from tfllm.tokenizers import PAD_ID
 
 
@@ -97,11 +98,29 @@ def lm_loss_sums(model: keras.Model, windows: tf.Tensor, training: bool, per_win
     `per_window` the sums are [batch] vectors, one entry per window.
     """
     features, targets, mask = split_window(windows)
-    logits = tf.cast(model(features, training=training), tf.float32)
+    return lm_sums(model(features, training=training), targets, mask, per_window)
+
+
+def lm_sums(logits: tf.Tensor, targets: tf.Tensor, mask: tf.Tensor, per_window: bool = False):
+    logits = tf.cast(logits, tf.float32)
     nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
     correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=targets.dtype), targets), tf.float32)
     axis = 1 if per_window else None  # per window: evaluation sums them in float64 on the host
     return tf.reduce_sum(nll * mask, axis), tf.reduce_sum(correct * mask, axis), tf.reduce_sum(mask, axis)
+
+
+def lm_chain(model: keras_hub.models.CausalLM) -> Chain:
+    """`model`'s forward pass and `lm_loss_sums` as segments, for the bucketed backward."""
+    backbone = model.backbone
+    embed, blocks = backbone_units(backbone, lambda windows: split_window(windows)[0])
+
+    def head(hidden, windows, training):
+        return backbone.token_embedding(backbone.layer_norm(hidden), reverse=True)
+
+    def sums(logits, windows):
+        _, targets, mask = split_window(windows)
+        return lm_sums(logits, targets, mask)
+    return Chain(embed, blocks, Unit("head", head, [backbone.layer_norm]), sums)
 
 
 def perplexity(loss: float) -> float:

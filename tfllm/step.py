@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from tfllm import distributed
 from tfllm.models import lm_loss_sums
+from tfllm.segments import Chain, plan_buckets
 
 STAT_LOSS, STAT_CORRECT, STAT_TOKENS, STAT_STOP = range(4)
 
@@ -35,9 +36,12 @@ STAT_LOSS, STAT_CORRECT, STAT_TOKENS, STAT_STOP = range(4)
 class TrainStep:
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, batch_size: int, seq_len: int,
                  grad_accum_steps: int = 1, clip_norm: float = 0.0, jit_compile: bool = False,
-                 fp16_allreduce: bool = False, loss_fn=lm_loss_sums, variables=None, parallel_slices: int = 1):
+                 fp16_allreduce: bool = False, loss_fn=lm_loss_sums, variables=None, parallel_slices: int = 1,
+                 allreduce_buckets: int = 1, chain: Chain | None = None):
         if parallel_slices < 1 or batch_size % parallel_slices:
             raise ValueError(f"batch size {batch_size} does not split into {parallel_slices} parallel slices")
+        if allreduce_buckets > 1 and chain is None:
+            raise ValueError("allreduce buckets > 1 need the model's chain of segments")
         self.model = model
         self.parallel_slices = int(parallel_slices)
         # None: all trainable variables; a subset trains only those (e.g. a head over a frozen backbone).
@@ -55,6 +59,15 @@ class TrainStep:
         self._grad_fn = tf.function(self._micro_batch_grads, jit_compile=jit_compile, reduce_retracing=True)
         self._apply_fn = tf.function(self._apply, jit_compile=jit_compile, reduce_retracing=True)
         self._step_fn = tf.function(self._step, jit_compile=False, reduce_retracing=True)
+        self.chain = chain
+        self._segments, self._groups = [], [list(range(len(self.variables)))]
+        if allreduce_buckets > 1:
+            plan = plan_buckets(chain, self.variables, allreduce_buckets)
+            last = len(plan) - 1
+            self._segments = [_Segment(self, b.units, top=(n == 0), jit_compile=jit_compile) for n, b in enumerate(plan)]
+            # Variables outside `variables` (a frozen backbone) leave buckets empty: those send nothing.
+            self._groups = [b.variable_indices for b in plan if b.variable_indices]
+        self.allreduce_buckets = len(self._groups)
 
     @property
     def variables(self):
@@ -68,20 +81,46 @@ class TrainStep:
     def _micro_batch_grads(self, windows):
         with tf.GradientTape() as tape:
             loss_sum, correct, tokens = self.loss_fn(self.model, windows, training=True)
-            objective = loss_sum / self.tokens_per_micro_batch
-            if self.loss_scaled:
-                objective = self.optimizer.scale_loss(objective)
-        grads = tape.gradient(objective, self.variables)
-        grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, self.variables)]
-        return grads, tf.stack([loss_sum, correct, tokens])
+            objective = self.objective(loss_sum)
+        return self._dense(tape.gradient(objective, self.variables)), tf.stack([loss_sum, correct, tokens])
 
-    def _slice_grads(self, micro_batch):
+    def objective(self, loss_sum):
+        objective = loss_sum / self.tokens_per_micro_batch
+        return self.optimizer.scale_loss(objective) if self.loss_scaled else objective
+
+    def _dense(self, grads):
+        return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, self.variables)]
+
+    def _chain_grads(self, windows):
+        """Like `_grad_fn`, through the segments: one backward call per bucket, top first.
+
+        Runs in the (non-XLA) step graph, so each bucket's gradients are separate tensors that
+        the executor hands to their allreduce while the segments below are differentiated.
+        """
+        hidden = None
+        with tf.GradientTape() as tape:
+            for segment in reversed(self._segments):
+                hidden = segment.forward(hidden, windows)
+            objective, stats = hidden
+        return self._dense(tape.gradient(objective, self.variables)), stats
+
+    def _slice_grads(self, micro_batch, grad_fn=None):
         """The micro-batch's summed gradients and stats, from independent (hence concurrent) slices."""
+        grad_fn = grad_fn or self._grad_fn
         if self.parallel_slices == 1:
-            return self._grad_fn(micro_batch)
-        parts = [self._grad_fn(s) for s in tf.split(micro_batch, self.parallel_slices)]
+            return grad_fn(micro_batch)
+        parts = [grad_fn(s) for s in tf.split(micro_batch, self.parallel_slices)]
         grads = [tf.add_n(list(g)) for g in zip(*(p[0] for p in parts))]
         return grads, tf.add_n([p[1] for p in parts])
+
+    def _accumulate(self, micro_batches, count):
+        """Summed gradients and stats of micro_batches[:count] (count >= 1)."""
+        grads, stats = self._slice_grads(micro_batches[0])
+        for k in tf.range(1, count):
+            more_grads, more_stats = self._slice_grads(micro_batches[k])
+            grads = [a + b for a, b in zip(grads, more_grads)]
+            stats = stats + more_stats
+        return grads, stats
 
     def _apply(self, grads, mean_stats):
         # Everything after the allreduce runs here, inside the compiled function: on CPU the
@@ -104,24 +143,53 @@ class TrainStep:
         }
 
     def _step(self, micro_batches, stop_requested):
-        grads, stats = self._slice_grads(micro_batches[0])
-        for k in tf.range(1, self.grad_accum_steps):
-            more_grads, more_stats = self._slice_grads(micro_batches[k])
-            grads = [a + b for a, b in zip(grads, more_grads)]
-            stats = stats + more_stats
-        # Bookkeeping rides in the gradients' group (one collective per step); divided by E it
-        # stays near 1, where even the float16 wire format keeps it to ~1e-3.
+        if not self._segments:
+            grads, stats = self._accumulate(micro_batches, self.grad_accum_steps)
+        else:
+            # Earlier micro-batches take the one-piece path; the last one's backward, in segments,
+            # issues each bucket's allreduce (earlier micro-batches' sums included) as it finishes.
+            last = self.grad_accum_steps - 1
+            grads, stats = self._slice_grads(micro_batches[last], self._chain_grads)
+            if last > 0:
+                earlier, earlier_stats = self._accumulate(micro_batches, last)
+                grads = [a + b for a, b in zip(earlier, grads)]
+                stats = stats + earlier_stats
+        # Bookkeeping rides in the first group (no collective of its own); divided by E it stays
+        # near 1, where even the float16 wire format keeps it to ~1e-3.
         bookkeeping = tf.concat([stats / self.tokens_per_micro_batch, tf.reshape(stop_requested, [1])], 0)
 
-        reduced = distributed.grouped_allreduce_mean(grads + [bookkeeping], compress_fp16=self.fp16_allreduce)
-        self.allreduce_calls.assign_add(1)
-        return self._apply_fn(reduced[:-1], reduced[-1])
+        reduced = [None] * len(grads)
+        for n, group in enumerate(self._groups):
+            sent = [grads[i] for i in group] + ([bookkeeping] if n == 0 else [])
+            received = distributed.grouped_allreduce_mean(sent, compress_fp16=self.fp16_allreduce)
+            if n == 0:
+                mean_stats = received.pop()
+            for i, r in zip(group, received):
+                reduced[i] = r
+        self.allreduce_calls.assign_add(len(self._groups))
+        return self._apply_fn(reduced, mean_stats)
 
     def __call__(self, micro_batches, stop_requested: bool = False) -> dict:
         """micro_batches: [K, batch, seq_len + 1] int32 (or a list of K batches)."""
         if isinstance(micro_batches, (list, tuple)):
             micro_batches = tf.stack(micro_batches)
         return self._step_fn(micro_batches, tf.constant(1.0 if stop_requested else 0.0, tf.float32))
+
+
+class _Segment:
+    """One bucket's units as one (optionally XLA-compiled) function; the top one ends in the objective."""
+
+    def __init__(self, step: TrainStep, units, top: bool, jit_compile: bool):
+        self.step, self.units, self.top = step, list(units), top
+        self.forward = tf.function(self._forward, jit_compile=jit_compile, reduce_retracing=True)
+
+    def _forward(self, hidden, windows):
+        for unit in self.units:
+            hidden = unit.call(hidden, windows, True)
+        if not self.top:
+            return hidden
+        loss_sum, correct, count = self.step.chain.sums(hidden, windows)
+        return self.step.objective(loss_sum), tf.stack([loss_sum, correct, count])
 
 
 def sync_state(model: keras.Model, optimizer: keras.optimizers.Optimizer | None = None, root: int = 0) -> None:

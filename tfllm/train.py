@@ -26,7 +26,7 @@ from tfllm.data.prepare import ensure_prepared
 from tfllm.evaluate import evaluate, make_eval_fn
 from tfllm.malloc import active_allocator
 from tfllm.generate import SamplingConfig, generate_text
-from tfllm.models import build_causal_lm, count_params, flops_per_token, perplexity
+from tfllm.models import build_causal_lm, count_params, flops_per_token, lm_chain, perplexity
 from tfllm.restore import CONFIG_FILE, TOKENIZER_DIR
 from tfllm.step import TrainStep, sync_state
 from tfllm.summary import SummaryWriter, device_peak_flops
@@ -141,7 +141,9 @@ def pretrain(cfg: Config, log=print) -> dict:
     model = build_causal_lm(cfg.model)
     optimizer = make_optimizer(cfg.optimizer, tcfg.train_steps, world.size, model, tcfg.precision)
     step_fn = TrainStep(model, optimizer, tcfg.batch_size, seq_len, tcfg.grad_accum_steps, cfg.optimizer.clip_norm,
-                        tcfg.jit_compile, tcfg.fp16_allreduce, parallel_slices=tcfg.parallel_slices)
+                        tcfg.jit_compile, tcfg.fp16_allreduce, parallel_slices=tcfg.parallel_slices,
+                        allreduce_buckets=tcfg.allreduce_buckets,
+                        chain=lm_chain(model))
     step_fn.build()
     state_vars = list(model.variables) + list(optimizer.variables)
 
@@ -184,7 +186,7 @@ def pretrain(cfg: Config, log=print) -> dict:
         f"train windows of {seq_len}; world {world.size} ({world.backend}{': ' + world.placement() if world.size > 1 else ''}); "
         f"device {device}; "
         f"global batch {tcfg.batch_size * tcfg.grad_accum_steps * world.size} x {seq_len} tokens; "
-        f"malloc {active_allocator()}")
+        f"{step_fn.allreduce_buckets} allreduce bucket{'s' if step_fn.allreduce_buckets > 1 else ''}; malloc {active_allocator()}")
 
     tokenizer = load_tokenizer(os.path.join(tcfg.model_dir, TOKENIZER_DIR)) if world.is_chief else None
     eval_fn = make_eval_fn(model, tcfg.jit_compile)

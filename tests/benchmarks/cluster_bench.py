@@ -29,14 +29,20 @@ MODELS = {
     "shakespeare_char": ["--flagfile=flags/shakespeare_char.cfg"],
     # About 10x the parameters: width 384 (6 heads) instead of 128, same depth and context.
     "shakespeare_x10": ["--flagfile=flags/shakespeare_char.cfg", "--hidden_dim=384", "--num_heads=6"],
+    # About 10x too, but deep enough for 8 allreduce buckets (a 4-layer model has 6 units).
+    "shakespeare_x10_deep": ["--flagfile=flags/shakespeare_char.cfg", "--num_layers=10", "--hidden_dim=256",
+                             "--num_heads=8"],
 }
+# --buckets: the --allreduce_buckets values compared per model (at most layers + 2).
+BUCKETS = {"shakespeare_char": "1,2,4,6", "shakespeare_x10": "1,2,4,6", "shakespeare_x10_deep": "1,2,4,8"}
 
 
-def run_step(cluster: Cluster, hosts: int, model_flags: list[str], steps: int, out: pathlib.Path) -> dict:
+def run_step(cluster: Cluster, hosts: int, model_flags: list[str], steps: int, out: pathlib.Path,
+             mode: list[str] = ("--mode=step",)) -> dict:
     bin_dir = pathlib.Path(sys.executable).parent
     spec = ",".join(f"h{i}:1" for i in range(1, hosts + 1))
     argv = [str(bin_dir / "horovodrun"), "-np", str(hosts), "-H", spec, "--gloo", "--disable-cache", sys.executable,
-            "-m", "pipelines.benchmark", *model_flags, "--mode=step", f"--bench_steps={steps}",
+            "-m", "pipelines.benchmark", *model_flags, *mode, f"--bench_steps={steps}",
             "--parallel_slices=1", f"--output_json={out}"]
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", TF_NUM_INTRAOP_THREADS="1",
                TF_NUM_INTEROP_THREADS="2")
@@ -46,15 +52,42 @@ def run_step(cluster: Cluster, hosts: int, model_flags: list[str], steps: int, o
     return json.loads(out.read_text())
 
 
+def buckets(args, out_dir: pathlib.Path) -> int:
+    """Step, compute and exposed allreduce per bucket count, 2 and 3 hosts, each rate and model."""
+    rows = []
+    with Cluster(3) as cluster:
+        for rate in args.rates.split(","):
+            cluster.set_rate(rate)
+            for name in args.models.split(","):
+                for n in (2, 3):
+                    r = run_step(cluster, n, MODELS[name], args.bench_steps, out_dir / f"buckets-{rate}-{name}-{n}.json",
+                                 mode=("--mode=buckets", f"--bench_buckets={BUCKETS[name]}"))
+                    rows += [{"rate": rate, "model": name, "hosts": n, "params": r["params"],
+                              "allreduce_ms": r["allreduce_ms"], **run} for run in r["runs"]]
+                    print(json.dumps(rows[-1]), flush=True)
+    pathlib.Path(args.output_json).write_text(json.dumps(rows, indent=1))
+    print("| link | model | hosts | buckets | step ms | compute ms | allreduce ms | exposed ms | hidden | step vs B=1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['rate']} | {r['model']} | {r['hosts']} | {r['allreduce_buckets']} | {r['step_ms']:.1f} | "
+              f"{r['compute_ms']:.1f} | {r['allreduce_ms']:.1f} | {r['exposed_allreduce_ms']:.1f} | "
+              f"{100 * r['hidden_share']:.0f}% | {r['step_over_unbucketed']:.3f} |")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", default="1gbit,10gbit")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--bench_steps", type=int, default=30)
+    p.add_argument("--buckets", action="store_true",
+                   help="compare --allreduce_buckets values (step, compute, hidden allreduce) instead")
     p.add_argument("--output_json", default=".bench/cluster.json")
     args = p.parse_args()
     out_dir = pathlib.Path(args.output_json).resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.buckets:
+        return buckets(args, out_dir)
     rows = []
     with Cluster(3) as cluster:
         for rate in args.rates.split(","):

@@ -10,11 +10,12 @@ import json
 
 import numpy as np
 import keras
+import tensorflow as tf
 
 import tfllm  # noqa: F401
 from tfllm import distributed
 from tfllm.config import ModelConfig
-from tfllm.models import build_causal_lm
+from tfllm.models import build_causal_lm, lm_chain
 from tfllm.step import TrainStep, sync_state
 
 VOCAB, SEQ = 61, 16
@@ -32,6 +33,7 @@ def main():
     p.add_argument("--fp16_allreduce", action="store_true")
     p.add_argument("--jit", action="store_true")
     p.add_argument("--slices", type=int, default=1)
+    p.add_argument("--buckets", type=int, default=1)
     p.add_argument("--seed_by_rank", action="store_true", help="initialise each rank differently")
     p.add_argument("--pad_fraction", type=float, default=0.0, help="pad the tail of some windows")
     a = p.parse_args()
@@ -50,7 +52,8 @@ def main():
     per_rank = a.global_batch // world.size
     micro = per_rank // a.accum
     step = TrainStep(model, optimizer, batch_size=micro, seq_len=SEQ, grad_accum_steps=a.accum, clip_norm=a.clip,
-                     jit_compile=a.jit, fp16_allreduce=a.fp16_allreduce, parallel_slices=a.slices)
+                     jit_compile=a.jit, fp16_allreduce=a.fp16_allreduce, parallel_slices=a.slices,
+                     allreduce_buckets=a.buckets, chain=lm_chain(model))
     step.build()
     before = [v.numpy().copy() for v in model.trainable_variables]
     sync_state(model, optimizer)
@@ -73,8 +76,16 @@ def main():
     if world.is_chief:
         with open(f"{a.out}.json", "w") as f:
             json.dump({"records": records, "allreduce_calls": int(step.allreduce_calls.numpy()),
+                       "collective_ops": collective_ops(step, (a.accum, micro, SEQ + 1)),
                        "grad_fn_signatures": step._grad_fn.pretty_printed_concrete_signatures(),
                        "world_size": world.size}, f)
+
+
+def collective_ops(step, shape):
+    """Horovod allreduce ops in the traced step: each runs once per optimizer step."""
+    graph = step._step_fn.get_concrete_function(tf.TensorSpec(shape, tf.int32), tf.TensorSpec([], tf.float32)).graph
+    return sum(op.type.startswith("HorovodGroupedAllreduce") or op.type == "HorovodAllreduce"
+               for op in graph.get_operations())
 
 
 if __name__ == "__main__":
