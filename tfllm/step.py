@@ -63,7 +63,6 @@ class TrainStep:
         self._segments, self._groups = [], [list(range(len(self.variables)))]
         if allreduce_buckets > 1:
             plan = plan_buckets(chain, self.variables, allreduce_buckets)
-            last = len(plan) - 1
             self._segments = [_Segment(self, b.units, top=(n == 0), jit_compile=jit_compile) for n, b in enumerate(plan)]
             # Variables outside `variables` (a frozen backbone) leave buckets empty: those send nothing.
             self._groups = [b.variable_indices for b in plan if b.variable_indices]
