@@ -8,10 +8,14 @@ Two processes on this machine (Gloo, or MPI):
 Many GPU nodes (one process per GPU; the MPIJob in k8s/ runs exactly this):
     horovodrun -np 16 -H node1:8,node2:8 python -m pipelines.pretrain --flagfile=flags/gpt2_124m.cfg \
         --model_dir=/shared/runs/gpt2
+Elastic: workers may fail, leave and join (README, "Elastic training"):
+    horovodrun -np 3 --min-np 2 --max-np 4 --host-discovery-script ./discover_hosts.sh --slots-per-host 1 \
+        python -m pipelines.pretrain --flagfile=flags/tiny.cfg --model_dir=/shared/runs/tiny --elastic
 Continue from an exported keras-hub preset (its architecture, weights and tokenizer):
     python -m pipelines.pretrain --flagfile=flags/tiny.cfg --init_preset=exports/tiny/preset --model_dir=runs/more
 Data is prepared into --data_dir (default <model_dir>/data) on first use. TensorBoard logs go to
-<model_dir>/tb. SIGTERM saves a checkpoint and exits 143; the next run resumes from it. The last
+<model_dir>/tb. SIGTERM saves a checkpoint and exits 143; the next run resumes from it (with --elastic, a signalled
+worker leaves and the others go on). The last
 lines printed include `val_loss=<float>` and `tokens_per_sec=<float>` (the whole run, its first
 10 steps, which compile the step, left out; validations and checkpoints are not counted).
 """

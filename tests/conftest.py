@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -28,6 +29,14 @@ def subprocess_env(**extra) -> dict:
 def launcher_command(launcher: str, np: int) -> list[str]:
     if launcher == "gloo":
         return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo"]
+    # Horovod elastic on this machine: the discovery script names localhost. Without an interface
+    # named, horovodrun 0.28.1 waits forever to find one common to two hosts.
+    if launcher == "elastic":
+        script = pathlib.Path(tempfile.mkdtemp(prefix="tfllm-discover-")) / "discover_hosts.sh"
+        script.write_text(f"#!/bin/sh\necho localhost:{np}\n")
+        script.chmod(0o755)
+        return [str(BIN / "horovodrun"), "-np", str(np), "--min-np", "1", "--max-np", str(np),
+                "--host-discovery-script", str(script), "--network-interface", "lo", "--gloo"]
     if launcher == "mpi":
         cmd = ["mpirun", "-np", str(np), "--oversubscribe", "--bind-to", "none"]
         if os.geteuid() == 0:

@@ -313,3 +313,23 @@ def test_gpu_image_cuda_matches_tensorflow():
     (base,) = re.findall(r"^FROM nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-devel-ubuntu\S+$",
                          (REPO / "k8s" / "images" / "gpu.Dockerfile").read_text(), re.M)
     assert cuda_wheels == {base}, (cuda_wheels, base)
+
+
+def test_elastic_overlay_runs_horovodrun_on_the_operators_discovery_script(mpijob_validator):
+    docs = kustomize("overlays/cpu-elastic")
+    assert sorted(validate_objects(docs, mpijob_validator)) == sorted(
+        ["ConfigMap", "MPIJob", "PersistentVolumeClaim", "Deployment", "Service"])
+    job = by_kind(docs)["MPIJob"]
+    workers = job["spec"]["mpiReplicaSpecs"]["Worker"]["replicas"]
+    launcher = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    args = launcher["args"]
+
+    def option(name):
+        return args[args.index(name) + 1]
+
+    assert launcher["command"] == ["horovodrun"] and "--gloo" in args
+    # mpi-operator v2beta1 writes this script; it lists running workers without slot counts.
+    assert option("--host-discovery-script") == "/etc/mpi/discover_hosts.sh" and option("--slots-per-host") == "1"
+    assert int(option("--min-np")) <= int(option("-np")) == workers <= int(option("--max-np"))
+    assert args[args.index("python"):args.index("python") + 3] == ["python", "-m", "pipelines.pretrain"]
+    assert "--elastic" in args and any(a.startswith("--model_dir=/data/runs/tfllm-cpu-elastic/") for a in args)

@@ -16,7 +16,8 @@ from absl import app
 
 EXIT_SIGNALLED = 143  # 128 + SIGTERM: a preempted job is not a finished one, so it gets restarted
 USER_ERRORS = {"tfllm.config": "ConfigError", "tfllm.data.corpus": "CorpusError", "tfllm.data.pipeline": "DataError",
-               "tfllm.checkpoint": "CheckpointError", "tfllm.train": "TrainingError",
+               "tfllm.checkpoint": "CheckpointError", "tfllm.loop": "TrainingError",
+               "tfllm.distributed": "ElasticError",
                "tfllm.labelled": "LabelledDataError", "tfllm.interfaces": "InterfaceError"}
 
 
@@ -36,7 +37,7 @@ def run(main) -> None:
             if isinstance(e, _loaded(USER_ERRORS)):
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 sys.exit(1)
-            if isinstance(e, _loaded({"tfllm.train": "StopRequested"})):
+            if isinstance(e, _loaded({"tfllm.loop": "StopRequested"})):
                 if e.checkpoint:  # rank 0 alone saves, so it alone reports
                     print(f"tfllm: {e}", file=sys.stderr, flush=True)
                 sys.exit(EXIT_SIGNALLED)

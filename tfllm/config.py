@@ -146,6 +146,10 @@ class TrainConfig:
     shuffle_buffer: int = 0  # 0: all of this rank's windows, up to SHUFFLE_BUFFER_BYTES
     stop_after: int = 0  # stop this invocation after so many steps (checkpoint saved); 0: run to train_steps
     init_preset: str = ""  # keras-hub preset dir whose weights start a new run (ignored when resuming)
+    elastic: bool = False  # Horovod elastic: workers may fail, leave and join (horovodrun --min-np/--max-np)
+    elastic_commit_every: int = 10  # steps between in-memory commits; at most this many are redone after a failure
+    elastic_global_batch: int = 0  # windows per step to keep through resizes by changing the accumulation; 0: off
+    sample_log: str = ""  # elastic mode: append each step's window ids to <sample_log>.<host>.<pid> (audit)
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -162,6 +166,13 @@ class TrainConfig:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0")
         if not self.model_dir:
             raise ConfigError("--model_dir is required")
+        if self.elastic_commit_every < 1:
+            raise ConfigError(f"--elastic_commit_every={self.elastic_commit_every}: must be positive")
+        if self.elastic_global_batch < 0 or self.elastic_global_batch % self.batch_size:
+            raise ConfigError(f"--elastic_global_batch={self.elastic_global_batch}: must be a multiple of "
+                              f"--batch_size={self.batch_size} (0: off)")
+        if (self.elastic_global_batch or self.sample_log) and not self.elastic:
+            raise ConfigError("--elastic_global_batch and --sample_log apply to --elastic runs only")
 
 
 @dataclasses.dataclass
@@ -176,6 +187,9 @@ class Config:
         self.model.validate()
         self.optimizer.validate()
         self.train.validate()
+        if self.train.elastic_global_batch and self.optimizer.scale_lr_with_world_size:
+            raise ConfigError("--elastic_global_batch keeps the global batch constant; drop "
+                              "--scale_lr_with_world_size, which follows a changing one")
         units = self.model.num_layers + 2  # the head, each transformer layer, the embeddings
         if self.train.allreduce_buckets > units:
             raise ConfigError(f"--allreduce_buckets={self.train.allreduce_buckets}: a {self.model.num_layers}-layer "

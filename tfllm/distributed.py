@@ -54,28 +54,41 @@ class World:
 _world: World | None = None
 
 
-def init(pin_gpu: bool = True) -> World:
-    """Initialises Horovod once and pins this process to one GPU by local rank."""
+def init(pin_gpu: bool = True, elastic: bool = False) -> World:
+    """Initialises Horovod once and pins this process to one GPU by local rank.
+
+    Elastic mode runs no collective here (a joining worker would deadlock against the others'
+    sync): the world's host names are gathered when `elastic_run` enters the training function.
+    """
     global _world
     if _world is not None:
         return _world
-    host = socket.gethostname()
     if hvd is None:
-        _world = World(hosts=(host,))
+        _world = World(hosts=(socket.gethostname(),))
     else:
         # A wrong interface setting fails here, on the host that lacks it, before any collective.
         interfaces.check()
         hvd.init()
-        backend = "gloo" if hvd.gloo_enabled() and hvd.gloo_built() else ("mpi" if hvd.mpi_enabled() else "none")
-        backend = backend if hvd.size() > 1 else "none"
-        hosts = tuple(hvd.allgather_object(host)) if hvd.size() > 1 else (host,)
-        _world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend, hosts)
-        if hvd.size() > 1:
+        _world = _read_world(gather_hosts=not elastic)
+        if hvd.size() > 1 or elastic:
             launcher_watch.start()
     if pin_gpu:
         _pin_gpu(_world.local_rank)
     _share_cpu_threads(_world.local_size)
     return _world
+
+
+def _read_world(gather_hosts: bool) -> World:
+    host = socket.gethostname()
+    backend = "gloo" if hvd.gloo_enabled() and hvd.gloo_built() else ("mpi" if hvd.mpi_enabled() else "none")
+    backend = backend if hvd.size() > 1 else "none"
+    hosts = (tuple(hvd.allgather_object(host)) if hvd.size() > 1 else (host,)) if gather_hosts else ()
+    return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend, hosts)
+
+
+def chief_only(log):
+    """`log` on whichever process is rank 0 when it is called (elastic mode may move rank 0)."""
+    return lambda *a, **k: log(*a, **k) if world().is_chief else None
 
 
 def _share_cpu_threads(local_size: int) -> None:
@@ -197,6 +210,13 @@ def broadcast_object(obj, root: int = 0):
     return hvd.broadcast_object(obj, root_rank=root)
 
 
+def allgather_object(obj) -> list:
+    """Every rank's picklable object, by rank."""
+    if not _collectives_active():
+        return [obj]
+    return list(hvd.allgather_object(obj))
+
+
 def broadcast_variables(variables: Sequence, root: int = 0) -> None:
     """Overwrites every variable with root's value (Keras 3 or tf.Variable)."""
     variables = list(variables)
@@ -213,6 +233,92 @@ def broadcast_variables(variables: Sequence, root: int = 0) -> None:
 def barrier() -> None:
     if _collectives_active():
         hvd.allreduce(tf.constant(0.0), op=hvd.Sum, name="tfllm_barrier")
+
+
+class ElasticError(RuntimeError):
+    """The elastic job cannot go on (too few workers for too long, or a reset that failed)."""
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A failed collective: a peer died or left, so the ring must be re-formed.
+
+    Horovod's own `hvd.elastic.run` recognises only messages naming HorovodAllreduce,
+    HorovodAllgather or HorovodBroadcast, and silently *returns* on any other UnknownError: a
+    peer lost during tfllm's HorovodGroupedAllreduce would end the training function as if it
+    had finished. Every op error from a Horovod op counts here.
+    """
+    if hvd is None:
+        return False
+    from horovod.common.exceptions import HorovodInternalError
+    if isinstance(error, HorovodInternalError):
+        return True
+    return isinstance(error, tf.errors.OpError) and "horovod" in (error.message or "").lower()
+
+
+def elastic_run(body, state) -> object:
+    """Runs `body(commit)` under Horovod elastic until it returns, re-forming the ring as
+    workers fail, leave or join.
+
+    `state` provides commit() (host copies of the training state), restore() (back to the last
+    commit), sync() (rank 0's state to every worker, joiners included), reset() (after the ring
+    re-formed, before the sync) and keep() (the last commit to disk, before waiting for a new
+    ring that may never form). `commit` from the body commits and raises Horovod's
+    HostsUpdatedInterrupt at the same step on every rank when the launcher reported a change
+    of hosts. With one process and no Horovod it simply runs the body.
+    """
+    if hvd is None:
+        state.sync()
+        return body(state.commit)
+    from horovod.common.elastic import State, notification_manager
+    from horovod.common.exceptions import HostsUpdatedInterrupt
+
+    class _HorovodState(State):
+        def __init__(self):
+            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
+
+        def save(self):
+            state.commit()
+
+        def restore(self):
+            state.restore()
+
+        def sync(self):
+            state.sync()
+
+        def reset(self):
+            state.reset()
+
+    global _world
+    tracked = _HorovodState()
+    notification_manager.init()
+    notification_manager.register_listener(tracked)
+    try:
+        sync = True
+        while True:
+            try:
+                if sync:
+                    tracked.sync()
+                _world = _read_world(gather_hosts=True)
+                return body(tracked.commit)
+            except HostsUpdatedInterrupt as e:
+                sync = not e.skip_sync  # hosts only removed: every survivor holds the commit already
+                if e.skip_sync:
+                    state.keep()
+            except Exception as e:
+                if not is_collective_failure(e):
+                    raise
+                tracked.restore()
+                state.keep()
+                sync = True
+            hvd.shutdown()
+            try:
+                hvd.init()
+            except Exception as e:
+                raise ElasticError(f"the ring could not be re-formed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            _world = _read_world(gather_hosts=False)
+            tracked.on_reset()
+    finally:
+        notification_manager.remove_listener(tracked)
 
 
 def shutdown() -> None:

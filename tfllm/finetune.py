@@ -24,10 +24,10 @@ from tfllm.classifier import (ClassifierServing, balanced_class_weights, build_c
 from tfllm.config import ConfigError, FinetuneConfig, ModelConfig
 from tfllm.models import build_causal_lm
 from tfllm.restore import TOKENIZER_DIR, load_trained_model, read_model_dir
+from tfllm.loop import MetricsLog, Task, TrainLoop
 from tfllm.step import TrainStep, sync_state
-from tfllm.summary import SummaryWriter
 from tfllm.tokenizers import load_tokenizer
-from tfllm.train import TrainingError, _agree, current_lr, make_optimizer
+from tfllm.train import _agree, make_optimizer
 
 FINETUNE_FILE = "finetune.json"
 
@@ -122,9 +122,59 @@ def _predict_fn(model):
     return fn
 
 
+class ClassificationTask(Task):
+    """Fine-tuning: labelled rows in a global order, validation with the best checkpoint kept,
+    early stopping, the backbone frozen for the first --freeze_backbone_steps."""
+
+    def __init__(self, cfg: FinetuneConfig, full_step: TrainStep, head_step: TrainStep, rows: labelled.Batches,
+                 val_rows, classes, writer, say):
+        self.cfg, self.full_step, self.head_step, self.rows = cfg, full_step, head_step, rows
+        self.val_rows, self.classes, self.writer, self.say = val_rows, classes, writer, say
+        self.report = None
+
+    def batches(self, state):
+        batch = tf.constant(self.rows(state.step))[None]
+        state.samples += self.rows.global_batch
+        return batch
+
+    def train_step(self, step):
+        return self.head_step if step < self.cfg.freeze_backbone_steps else self.full_step
+
+    def log_line(self, step, metrics, scalars, perf):
+        return (f"step {step}/{self.cfg.train_steps} loss={metrics['loss']:.4f} acc={scalars['accuracy']:.3f} "
+                f"lr={scalars['learning_rate']:.2e}")
+
+    def between_steps(self, loop, metrics):
+        step, scores, cfg = loop.state.step, loop.state.scores, self.cfg
+        if not ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.train_steps):
+            return False
+        report = self.report = evaluate_rows(loop.model, self.val_rows, self.classes, cfg.batch_size)
+        gained = report["accuracy"] > scores["best_accuracy"]
+        scores["best_accuracy"] = max(scores["best_accuracy"], report["accuracy"])
+        scores["evals_without_gain"] = 0 if gained else scores["evals_without_gain"] + 1
+        scores["accuracy"] = report["accuracy"]
+        stopped = bool(cfg.early_stopping_patience and scores["evals_without_gain"] >= cfg.early_stopping_patience)
+        self.say(f"validation step {step}: accuracy={report['accuracy']:.4f} loss={report['loss']:.4f}"
+                 + (" (best)" if gained else "") + (" - early stop" if stopped else ""))
+        self.writer.scalars("validation", step, {"loss": report["loss"], "accuracy": report["accuracy"],
+                                                 "macro_f1": report["macro_f1"]})
+        if distributed.world().is_chief:
+            self.writer.image("validation", step, "confusion_matrix", confusion_png(report["confusion"], self.classes))
+            loop.save(val_loss=1.0 - report["accuracy"])
+        self.writer.flush()
+        return stopped
+
+    def finish(self, loop, stopped_early: bool = False) -> dict:
+        distributed.barrier()
+        final = self.report or evaluate_rows(loop.model, self.val_rows, self.classes, self.cfg.batch_size)
+        self.say(format_report(final, self.classes))
+        return {"step": loop.state.step, "validation": final, "best_accuracy": loop.state.scores["best_accuracy"],
+                "stopped_early": stopped_early}
+
+
 def finetune(cfg: FinetuneConfig, log=print) -> dict:
     world = distributed.init()
-    say = log if world.is_chief else (lambda *a, **k: None)
+    say = distributed.chief_only(log)
     cfg.validate()
     keras.mixed_precision.set_global_policy("float32")
     keras.utils.set_random_seed(cfg.seed)
@@ -155,54 +205,24 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     head_step = TrainStep(model, optimizer, cfg.batch_size, 1, 1, clip, cfg.jit_compile, loss_fn=loss_fn,
                           variables=head_variables(model, backbone))
 
-    manager = CheckpointManager(cfg.model_dir, keep=cfg.keep_checkpoints)
-    variables = list(model.variables) + list(optimizer.variables)
-    state = {"step": 0, "best_accuracy": -1.0, "evals_without_gain": 0}
-    latest = manager.latest()
+    rows = labelled.Batches(train_rows, cfg.batch_size, world.rank, world.size, cfg.seed)
+    metrics_log = MetricsLog(cfg.model_dir, cfg.log_every, say)
+    task = ClassificationTask(cfg, full_step, head_step, rows, val_rows, classes, metrics_log.writer, say)
+    loop = TrainLoop(task, model, optimizer, CheckpointManager(cfg.model_dir, keep=cfg.keep_checkpoints), metrics_log,
+                     {"batch_size": cfg.batch_size, "global_batch": rows.global_batch}, say)
+    loop.state.scores = {"best_accuracy": -1.0, "evals_without_gain": 0}
+    latest = loop.checkpoints.latest()
     if latest:
-        state.update(manager.restore(latest, variables))
-        say(f"resumed from {latest} (step {state['step']})")
+        loop.restore(latest, rows.global_batch)
+        say(f"resumed from {latest} (step {loop.state.step})")
     sync_state(model, optimizer)
-    batches = labelled.Batches(train_rows, cfg.batch_size, world.rank, world.size, cfg.seed)
-    writer = SummaryWriter(os.path.join(cfg.model_dir, "tb"), world.is_chief)
     say(f"fine-tuning {len(classes)} classes {classes}: {len(train_rows)} training, {len(val_rows)} validation "
         f"examples; init={cfg.init}; {world.size} rank(s) x batch {cfg.batch_size}")
-
-    step, report, stopped_early = state["step"], None, False
-    while step < cfg.train_steps and not stopped_early:
-        stepper = head_step if step < cfg.freeze_backbone_steps else full_step
-        metrics = stepper(tf.constant(batches(step))[None])
-        step += 1
-        loss = float(metrics["loss"])
-        if not np.isfinite(loss):
-            raise TrainingError(f"non-finite loss {loss} at step {step}; last checkpoint: {manager.latest()}")
-        if step % cfg.log_every == 0 or step == cfg.train_steps:
-            values = {"loss": loss, "accuracy": float(metrics["accuracy"]), "learning_rate": current_lr(optimizer),
-                      "grad_norm": float(metrics["grad_norm"])}
-            writer.scalars("train", step, values)
-            say(f"step {step}/{cfg.train_steps} loss={loss:.4f} acc={values['accuracy']:.3f} lr={values['learning_rate']:.2e}")
-            if world.is_chief:
-                with open(os.path.join(cfg.model_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, **values}) + "\n")
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.train_steps:
-            report = evaluate_rows(model, val_rows, classes, cfg.batch_size)
-            gained = report["accuracy"] > state["best_accuracy"]
-            state["best_accuracy"] = max(state["best_accuracy"], report["accuracy"])
-            state["evals_without_gain"] = 0 if gained else state["evals_without_gain"] + 1
-            stopped_early = bool(cfg.early_stopping_patience and state["evals_without_gain"] >= cfg.early_stopping_patience)
-            say(f"validation step {step}: accuracy={report['accuracy']:.4f} loss={report['loss']:.4f}"
-                + (" (best)" if gained else "") + (" - early stop" if stopped_early else ""))
-            writer.scalars("validation", step, {"loss": report["loss"], "accuracy": report["accuracy"],
-                                                "macro_f1": report["macro_f1"]})
-            if world.is_chief:
-                writer.image("validation", step, "confusion_matrix", confusion_png(report["confusion"], classes))
-                manager.save(step, variables, {**state, "accuracy": report["accuracy"]}, val_loss=1.0 - report["accuracy"])
-            writer.flush()
-    distributed.barrier()
-    writer.close()
-    final = report or evaluate_rows(model, val_rows, classes, cfg.batch_size)
-    say(format_report(final, classes))
-    return {"step": step, "validation": final, "best_accuracy": state["best_accuracy"], "stopped_early": stopped_early}
+    try:
+        stopped_early = loop.run(cfg.train_steps)
+        return task.finish(loop, stopped_early)
+    finally:
+        metrics_log.close()
 
 
 def load_classifier(model_dir: str, checkpoint: str | None = "best") -> Classifier:

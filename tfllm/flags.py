@@ -111,6 +111,16 @@ def define_train_flags() -> None:
                         "starts from: its architecture replaces the model flags (one given explicitly must agree), "
                         "its weights the initialisation, and its tokenizer/, if any, is the default --tokenizer_dir. "
                         "Ignored when --model_dir already has a checkpoint. Every rank must be able to read it.")
+    flags.DEFINE_bool("elastic", _T.elastic,
+                      "Horovod elastic training (horovodrun --min-np/--max-np --host-discovery-script, Gloo): "
+                      "workers may fail, leave and join; the others go on from the last commit.")
+    flags.DEFINE_integer("elastic_commit_every", _T.elastic_commit_every,
+                         "Elastic: steps between in-memory commits; at most this many are redone after a failure.")
+    flags.DEFINE_integer("elastic_global_batch", _T.elastic_global_batch,
+                         "Elastic: windows per optimizer step to keep through resizes, by choosing the "
+                         "micro-batches per step for each world size (0: the global batch follows the world).")
+    flags.DEFINE_string("sample_log", _T.sample_log,
+                        "Elastic: append each step's window ids to <sample_log>.<host>.<pid> (a data-order audit).")
     flags.DEFINE_float("learning_rate", _O.learning_rate, "Peak learning rate.")
     flags.DEFINE_float("min_learning_rate", _O.min_learning_rate, "Learning rate at the end of the cosine decay.")
     flags.DEFINE_integer("warmup_steps", _O.warmup_steps, "Linear warmup steps.")
@@ -216,7 +226,8 @@ def config_from_flags() -> Config:
     train = TrainConfig(**{name: getattr(FLAGS, name) for name in (
         "model_dir", "batch_size", "grad_accum_steps", "parallel_slices", "train_steps", "precision", "jit_compile",
         "fp16_allreduce", "allreduce_buckets", "seed", "log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints", "sample_every",
-        "sample_prompt", "sample_tokens", "verify_data", "shuffle_buffer", "stop_after", "init_preset")})
+        "sample_prompt", "sample_tokens", "verify_data", "shuffle_buffer", "stop_after", "init_preset", "elastic",
+        "elastic_commit_every", "elastic_global_batch", "sample_log")})
     data = data_config_from_flags()
     model = model_config_from_flags()
     if train.init_preset:

@@ -121,7 +121,7 @@ class TrainStep:
             stats = stats + more_stats
         return grads, stats
 
-    def _apply(self, grads, mean_stats):
+    def _apply(self, grads, mean_stats, world_size):
         # Everything after the allreduce runs here, inside the compiled function: on CPU the
         # ~150 small per-variable ops of scaling and clipping cost milliseconds per step when
         # the TF executor dispatches them one by one.
@@ -136,12 +136,14 @@ class TrainStep:
         return {
             "loss": mean_stats[STAT_LOSS] / mean_tokens,
             "accuracy": mean_stats[STAT_CORRECT] / mean_tokens,
-            "tokens": mean_stats[STAT_TOKENS] * self.tokens_per_micro_batch * distributed.world().size,
+            # The world size comes in as a tensor: read in Python it would be frozen at trace time,
+            # and elastic mode changes it.
+            "tokens": mean_stats[STAT_TOKENS] * self.tokens_per_micro_batch * world_size,
             "grad_norm": norm / scale,
             "stop": mean_stats[STAT_STOP],
         }
 
-    def _step(self, micro_batches, stop_requested):
+    def _step(self, micro_batches, stop_requested, world_size):
         if not self._segments:
             grads, stats = self._accumulate(micro_batches, self.grad_accum_steps)
         else:
@@ -166,13 +168,24 @@ class TrainStep:
             for i, r in zip(group, received):
                 reduced[i] = r
         self.allreduce_calls.assign_add(len(self._groups))
-        return self._apply_fn(reduced, mean_stats)
+        return self._apply_fn(reduced, mean_stats, world_size)
 
     def __call__(self, micro_batches, stop_requested: bool = False) -> dict:
         """micro_batches: [K, batch, seq_len + 1] int32 (or a list of K batches)."""
         if isinstance(micro_batches, (list, tuple)):
             micro_batches = tf.stack(micro_batches)
-        return self._step_fn(micro_batches, tf.constant(1.0 if stop_requested else 0.0, tf.float32))
+        return self._step_fn(micro_batches, tf.constant(1.0 if stop_requested else 0.0, tf.float32),
+                             tf.constant(float(distributed.world().size), tf.float32))
+
+    def retrace(self, grad_accum_steps: int | None = None) -> None:
+        """Traces the step again at its next call, for a world that changed (elastic mode).
+
+        Whether the step holds collectives at all is decided in Python at trace time (one
+        process traces none). The compiled forward/backward and update are kept.
+        """
+        if grad_accum_steps is not None:
+            self.grad_accum_steps = int(grad_accum_steps)
+        self._step_fn = tf.function(self._step, jit_compile=False, reduce_retracing=True)
 
 
 class _Segment:

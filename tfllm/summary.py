@@ -15,6 +15,8 @@ import os
 
 import tensorflow as tf
 
+from tfllm import distributed
+
 # Dense bf16/fp16 tensor-core peak FLOP/s per device.
 PEAK_FLOPS = {
     "B200": 2.25e15,
@@ -47,10 +49,16 @@ def device_peak_flops() -> tuple[str, float | None]:
 
 
 class SummaryWriter:
-    def __init__(self, log_dir: str, enabled: bool):
-        self.enabled = enabled
+    """TensorBoard events, written by rank 0 (read at each write: elastic mode may move rank 0)."""
+
+    def __init__(self, log_dir: str, enabled: bool | None = None):
+        self._enabled = enabled
         self.log_dir = log_dir
         self._writers: dict[str, tf.summary.SummaryWriter] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return distributed.world().is_chief if self._enabled is None else self._enabled
 
     def _writer(self, split: str):
         if split not in self._writers:

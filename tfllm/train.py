@@ -8,11 +8,10 @@ alone writes config.json, checkpoints, TensorBoard events and samples.
 
 from __future__ import annotations
 
+import fcntl
 import json
-import math
 import os
-import signal
-import time
+import socket
 
 import keras
 import tensorflow as tf
@@ -23,44 +22,53 @@ from tfllm.config import Config, ConfigError, OptimizerConfig, model_mismatch
 from tfllm.data.corpus import CorpusError
 from tfllm.data.pipeline import DataError, WindowDataset
 from tfllm.data.prepare import ensure_prepared
+from tfllm.data.sampler import GlobalOrder
 from tfllm.evaluate import evaluate, make_eval_fn
-from tfllm.malloc import active_allocator
 from tfllm.generate import SamplingConfig, generate_text
+from tfllm.loop import LoopState, MetricsLog, Task, TrainLoop, current_lr
+from tfllm.malloc import active_allocator
 from tfllm.models import build_causal_lm, count_params, flops_per_token, lm_chain, perplexity
 from tfllm.restore import CONFIG_FILE, TOKENIZER_DIR
 from tfllm.step import TrainStep, sync_state
-from tfllm.summary import SummaryWriter, device_peak_flops
+from tfllm.summary import device_peak_flops
 from tfllm.tokenizers import load_tokenizer
 
 
+class WorldScaled(keras.optimizers.schedules.LearningRateSchedule):
+    """A schedule times the current world size, held in a variable so that elastic mode can
+    change it on a resize without retracing the optimizer's update."""
 
-WARMUP_STEPS = 10
+    def __init__(self, schedule, world_size: int):
+        self.schedule = schedule
+        self.world_size = tf.Variable(float(world_size), trainable=False, name="lr_world_size")
+
+    def __call__(self, step):
+        return self.schedule(step) * tf.cast(self.world_size, tf.float32)
+
+    def get_config(self):
+        return {"schedule": keras.optimizers.schedules.serialize(self.schedule),
+                "world_size": float(self.world_size.numpy())}
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, ...); the message names the step."""
-
-
-class StopRequested(Exception):
-    def __init__(self, step: int, checkpoint: str | None):
-        super().__init__(f"stopped by signal at step {step}; checkpoint {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
-
-
-def make_optimizer(cfg: OptimizerConfig, train_steps: int, world_size: int, model, precision: str):
+def make_optimizer(cfg: OptimizerConfig, train_steps: int, world_size: int, model, precision: str,
+                   elastic: bool = False):
     """AdamW with linear warmup then cosine decay to min_learning_rate.
 
     --scale_lr_with_world_size multiplies both learning rates by the number of ranks (the
     linear scaling rule of Goyal et al. 2017): the global batch grows with the world, so the
     step size grows with it; warmup keeps the early large steps stable.
+    Elastic mode scales by the world size of each step instead (`WorldScaled`): the learning
+    rate follows the global batch through resizes.
     """
-    factor = world_size if cfg.scale_lr_with_world_size else 1
+    factor = world_size if cfg.scale_lr_with_world_size and not elastic else 1
     peak, floor = cfg.learning_rate * factor, cfg.min_learning_rate * factor
     warmup = min(cfg.warmup_steps, max(train_steps - 1, 0))
     decay = max(1, (cfg.decay_steps or train_steps) - warmup)
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup else peak, decay_steps=decay, alpha=floor / peak,
         warmup_target=peak if warmup else None, warmup_steps=warmup)
+    if elastic and cfg.scale_lr_with_world_size:
+        schedule = WorldScaled(schedule, world_size)
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay, beta_1=cfg.beta1,
                                        beta_2=cfg.beta2, epsilon=cfg.epsilon)
     excluded = []
@@ -73,11 +81,6 @@ def make_optimizer(cfg: OptimizerConfig, train_steps: int, world_size: int, mode
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
-
-
-def current_lr(optimizer) -> float:
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    return float(inner.learning_rate)
 
 
 def _agree(fn):
@@ -120,18 +123,171 @@ def check_model_dir(cfg: Config) -> None:
                                   "use another --model_dir or the same model flags")
 
 
+def _prepare_locally(cfg) -> dict:
+    """Elastic mode runs no collective before the ring forms: every worker makes sure the data
+    is prepared itself, one at a time per data dir (a lock file), the later ones reusing it."""
+    os.makedirs(os.path.dirname(cfg.data_dir) or ".", exist_ok=True)
+    with open(cfg.data_dir.rstrip("/") + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return ensure_prepared(cfg, log=lambda *a, **k: None)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class StreamBatches:
+    """Each rank's tf.data stream of its part of the shards, resumed by step: a static world's order."""
+
+    def __init__(self, dataset: WindowDataset, tcfg, start_step: int):
+        world = distributed.world()
+        self.micro_batches = tcfg.grad_accum_steps
+        self.global_batch = tcfg.batch_size * tcfg.grad_accum_steps * world.size
+        self.stream = dataset.stream(start_step * tcfg.grad_accum_steps, world.rank, world.size, tcfg.batch_size,
+                                     tcfg.seed, tcfg.shuffle_buffer)
+
+    def __call__(self, state: LoopState):
+        micro = []
+        for _ in range(self.micro_batches):
+            state.epoch, batch = next(self.stream)
+            micro.append(batch)
+        state.samples += self.global_batch
+        return micro
+
+
+class GlobalBatches:
+    """Elastic mode: each step's windows by global position (`GlobalOrder`), for the world of that step.
+
+    With `sample_log`, every process appends the window ids of each step it runs to
+    <sample_log>.<host>.<pid>, tagged with the elastic generation: the audit trail of the data order.
+    """
+
+    def __init__(self, order: GlobalOrder, batch_size: int, micro_batches: int, sample_log: str = ""):
+        self.order, self.batch_size, self.micro_batches = order, batch_size, micro_batches
+        self.generation = 0
+        self.log_path = f"{sample_log}.{socket.gethostname()}.{os.getpid()}" if sample_log else ""
+
+    def __call__(self, state: LoopState):
+        world = distributed.world()
+        ids = self.order.step_ids(state.samples, world.rank, world.size, self.batch_size, self.micro_batches)
+        if self.log_path:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"step": state.step + 1, "generation": self.generation, "rank": world.rank,
+                                    "size": world.size, "windows": ids.ravel().tolist()}) + "\n")
+        state.samples += world.size * self.batch_size * self.micro_batches
+        state.epoch = state.samples // self.order.num_windows
+        return tf.constant(self.order.read(ids.ravel()).reshape(self.micro_batches, self.batch_size, -1))
+
+
+class LanguageModelTask(Task):
+    """Pretraining: next-token loss over prepared windows, validation, greedy samples, checkpoints."""
+
+    def __init__(self, cfg: Config, step_fn: TrainStep, batches, val_ds, writer, say):
+        self.cfg, self.tcfg, self.step_fn, self.source = cfg, cfg.train, step_fn, batches
+        self.val_ds, self.writer, self.say = val_ds, writer, say
+        self.tokenizer = None  # loaded by whichever process samples (rank 0, which elastic mode may move)
+        self.eval_fn = make_eval_fn(step_fn.model, cfg.train.jit_compile)
+
+    def batches(self, state):
+        return self.source(state)
+
+    def train_step(self, step):
+        return self.step_fn
+
+    def scalars(self, loop, metrics):
+        return {"loss": metrics["loss"], "perplexity": perplexity(metrics["loss"]), "accuracy": metrics["accuracy"],
+                "learning_rate": current_lr(loop.optimizer), "grad_norm": metrics["grad_norm"],
+                "tokens_seen": loop.state.tokens_seen}
+
+    def log_line(self, step, metrics, scalars, perf):
+        mfu = f" | MFU {perf['mfu']:.1%}" if "mfu" in perf else f" | {perf['model_flops_per_sec'] / 1e9:.1f} GFLOP/s"
+        return (f"step {step}/{self.tcfg.train_steps} | loss {metrics['loss']:.4f} | lr {scalars['learning_rate']:.2e} | "
+                f"gnorm {metrics['grad_norm']:.3f} | {perf['tokens_per_sec']:,.0f} tok/s | "
+                f"{perf['step_time_ms']:.1f} ms/step{mfu}")
+
+    def validate(self, step: int) -> dict | None:
+        if self.val_ds is None:
+            return None
+        m = evaluate(self.step_fn.model, self.val_ds, self.tcfg.batch_size, self.tcfg.eval_steps, self.eval_fn)
+        self.writer.scalars("validation", step, {"loss": m["loss"], "perplexity": m["perplexity"],
+                                                 "accuracy": m["accuracy"]})
+        self.say(f"step {step}: val_loss {m['loss']:.4f} | val_ppl {m['perplexity']:.2f} | {m['tokens']:,} tokens")
+        return m
+
+    def sample(self, step: int) -> str | None:
+        """Rank 0 decodes greedily from --sample_prompt into TensorBoard's text tab."""
+        if not distributed.world().is_chief or not self.tcfg.sample_prompt:
+            return None
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(os.path.join(self.tcfg.model_dir, TOKENIZER_DIR))
+        context = self.cfg.model.max_sequence_length
+        budget = min(self.tcfg.sample_tokens, context - len(self.tokenizer.encode(self.tcfg.sample_prompt)))
+        if budget < 1:
+            self.say(f"warning: --sample_prompt fills the {context}-token context; no sample")
+            return None
+        text = generate_text(self.step_fn.model, self.tokenizer, [self.tcfg.sample_prompt],
+                             SamplingConfig("greedy", max_new_tokens=budget))[0]
+        self.writer.text("train", step, "sample", self.tcfg.sample_prompt + text)
+        return self.tcfg.sample_prompt + text
+
+    def between_steps(self, loop, metrics):
+        step, t = loop.state.step, self.tcfg
+        val = None
+        if t.eval_every and step % t.eval_every == 0 and step < t.train_steps:
+            val = self.validate(step)
+            if val:
+                loop.state.scores["val_loss"] = val["loss"]
+        if t.sample_every and step % t.sample_every == 0 and step < t.train_steps:
+            self.sample(step)
+        if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.train_steps:
+            loop.save(val["loss"] if val else None)
+        return False
+
+    def finish(self, loop) -> dict:
+        step, state = loop.state.step, loop.state
+        result = {"step": step, "losses": loop.losses}
+        if step < self.tcfg.train_steps:  # --stop_after: save and leave the rest to the next run
+            path = loop.save()
+            self.say(f"stopped after {step - loop.start_step} steps at step {step} (--stop_after); rerun to continue; "
+                     f"checkpoint: {path}")
+            return {**result, "val_loss": state.scores.get("val_loss"), "tokens_per_sec": loop.log.run_rate(),
+                    "checkpoint": path}
+        final_val = self.validate(step)
+        if final_val:
+            state.scores["val_loss"] = final_val["loss"]
+        last = loop.checkpoints.latest()
+        path = loop.save(state.scores.get("val_loss")) if step > loop.start_step or not last else last
+        text = self.sample(step)
+        self.writer.flush()
+        if text is not None:
+            self.say(f"sample at step {step}:\n{text}")
+        self.say(f"checkpoint: {path}\nTensorBoard: {os.path.join(self.tcfg.model_dir, 'tb')}")
+        return {**result, "val_loss": state.scores.get("val_loss"), "tokens_per_sec": loop.log.run_rate(),
+                "checkpoint": path}
+
+
+def _write_model_dir(cfg: Config) -> None:
+    """config.json, and the tokenizer copy that keeps the model dir usable without the data dir."""
+    os.makedirs(cfg.train.model_dir, exist_ok=True)
+    cfg.save(os.path.join(cfg.train.model_dir, CONFIG_FILE))
+    tok_dir = os.path.join(cfg.train.model_dir, TOKENIZER_DIR)
+    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        atomic.copy_dir(os.path.join(cfg.data.data_dir, "tokenizer"), tok_dir)
+
+
 def pretrain(cfg: Config, log=print) -> dict:
-    world = distributed.init()
-    say = log if world.is_chief else (lambda *a, **k: None)
     tcfg = cfg.train
+    world = distributed.init(elastic=tcfg.elastic)
+    say = distributed.chief_only(log)  # rank 0 may change in elastic mode
     if not cfg.data.data_dir:
         cfg.data.data_dir = os.path.join(tcfg.model_dir, "data")
     cfg.data.data_dir = os.path.abspath(cfg.data.data_dir)
     cfg.validate()
-
-    manifest = _agree(lambda: ensure_prepared(cfg.data, log=say))
+    # Elastic mode runs no collective before the ring forms (joiners would deadlock): each
+    # worker checks for itself, and rank 0's state reaches the others in the first sync.
+    agree = (lambda fn: fn()) if tcfg.elastic else _agree
+    manifest = _prepare_locally(cfg.data) if tcfg.elastic else _agree(lambda: ensure_prepared(cfg.data, log=say))
     resolve_config(cfg, manifest)
-    _agree(lambda: check_model_dir(cfg))
+    agree(lambda: check_model_dir(cfg))
     train_ds = WindowDataset(cfg.data.data_dir, "train", verify=tcfg.verify_data)
     val_ds = WindowDataset(cfg.data.data_dir, "validation") if manifest["splits"]["validation"]["shards"] else None
     seq_len = train_ds.seq_len
@@ -139,175 +295,67 @@ def pretrain(cfg: Config, log=print) -> dict:
     keras.mixed_precision.set_global_policy(tcfg.precision)
     keras.utils.set_random_seed(tcfg.seed)
     model = build_causal_lm(cfg.model)
-    optimizer = make_optimizer(cfg.optimizer, tcfg.train_steps, world.size, model, tcfg.precision)
+    optimizer = make_optimizer(cfg.optimizer, tcfg.train_steps, world.size, model, tcfg.precision, tcfg.elastic)
     step_fn = TrainStep(model, optimizer, tcfg.batch_size, seq_len, tcfg.grad_accum_steps, cfg.optimizer.clip_norm,
                         tcfg.jit_compile, tcfg.fp16_allreduce, parallel_slices=tcfg.parallel_slices,
-                        allreduce_buckets=tcfg.allreduce_buckets,
-                        chain=lm_chain(model))
-    step_fn.build()
-    state_vars = list(model.variables) + list(optimizer.variables)
-
+                        allreduce_buckets=tcfg.allreduce_buckets, chain=lm_chain(model))
+    step_fn.build()  # the optimizer's variables exist before any restore, sync or elastic state
     ckpts = CheckpointManager(tcfg.model_dir, keep=tcfg.keep_checkpoints)
-
-    def restore():
-        os.makedirs(tcfg.model_dir, exist_ok=True)
-        cfg.save(os.path.join(tcfg.model_dir, CONFIG_FILE))
-        # The model dir carries its own tokenizer so that it stays usable without the data dir.
-        tok_dir = os.path.join(tcfg.model_dir, TOKENIZER_DIR)
-        if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-            atomic.copy_dir(os.path.join(cfg.data.data_dir, "tokenizer"), tok_dir)
-        latest = ckpts.latest()
-        if latest:
-            return ckpts.restore(latest, state_vars)
-        if tcfg.init_preset:  # a new run only: a checkpoint always wins over the preset
-            preset.load_weights(model, tcfg.init_preset)
-            say(f"initialised from keras-hub preset {tcfg.init_preset}")
-        return {}
-
-    state = _agree(restore)
-    sync_state(model, optimizer)
-    start = int(state.get("step", 0))
-    if start:
-        say(f"resumed from step {start} ({ckpts.latest()})")
-        if state.get("world_size") != world.size or state.get("batch_size") != tcfg.batch_size \
-                or state.get("grad_accum_steps") != tcfg.grad_accum_steps:
-            say("warning: world size or batch differs from the checkpoint's; the data order continues approximately")
-
+    global_batch = tcfg.batch_size * tcfg.grad_accum_steps * world.size
     n_params = count_params(model)
     fpt = flops_per_token(cfg.model, seq_len, n_params)
     device, peak = device_peak_flops()
-    writer = SummaryWriter(os.path.join(tcfg.model_dir, "tb"), enabled=world.is_chief)
+    metrics_log = MetricsLog(tcfg.model_dir, tcfg.log_every, say, fpt, peak)
+    loop = TrainLoop(None, model, optimizer, ckpts, metrics_log,
+                     {"batch_size": tcfg.batch_size, "grad_accum_steps": tcfg.grad_accum_steps,
+                      "global_batch": global_batch}, say)
+
+    def restore() -> dict:
+        _write_model_dir(cfg)
+        latest = ckpts.latest()
+        if latest:
+            loop.restore(latest, global_batch)
+            return {"state": loop.state, "stored": ckpts.read_state(latest)}
+        if tcfg.init_preset:  # a new run only: a checkpoint always wins over the preset
+            preset.load_weights(model, tcfg.init_preset)
+            say(f"initialised from keras-hub preset {tcfg.init_preset}")
+        return {"state": loop.state, "stored": {}}
+
+    if tcfg.elastic:
+        restored = restore() if world.is_chief else {"state": LoopState(), "stored": {}}
+    else:
+        restored = _agree(restore)
+        sync_state(model, optimizer)
+    loop.state, stored = restored["state"], restored["stored"]
+    loop.start_step = start = loop.state.step
+    if start:
+        say(f"resumed from step {start} ({ckpts.latest()})")
+        if not tcfg.elastic and (stored.get("world_size") != world.size or stored.get("batch_size") != tcfg.batch_size
+                                 or stored.get("grad_accum_steps") != tcfg.grad_accum_steps):
+            say("warning: world size or batch differs from the checkpoint's; the data order continues approximately")
+
     if start == 0:
-        writer.hparams({**{f"model.{k}": v for k, v in vars(cfg.model).items()},
-                        "batch_size": tcfg.batch_size, "global_batch": tcfg.batch_size * tcfg.grad_accum_steps * world.size,
-                        "learning_rate": cfg.optimizer.learning_rate, "precision": tcfg.precision,
-                        "world_size": world.size, "tokenizer": manifest["tokenizer"]["kind"]})
+        metrics_log.writer.hparams({**{f"model.{k}": v for k, v in vars(cfg.model).items()},
+                                    "batch_size": tcfg.batch_size, "global_batch": global_batch,
+                                    "learning_rate": cfg.optimizer.learning_rate, "precision": tcfg.precision,
+                                    "world_size": world.size, "tokenizer": manifest["tokenizer"]["kind"]})
+    mode = f"elastic, commit every {tcfg.elastic_commit_every} steps" if tcfg.elastic else world.backend
     say(f"model {cfg.model.family}: {n_params:,} parameters, {fpt:,} FLOPs/token; data {train_ds.num_windows:,} "
-        f"train windows of {seq_len}; world {world.size} ({world.backend}{': ' + world.placement() if world.size > 1 else ''}); "
-        f"device {device}; "
-        f"global batch {tcfg.batch_size * tcfg.grad_accum_steps * world.size} x {seq_len} tokens; "
+        f"train windows of {seq_len}; world {world.size} ({mode}{': ' + world.placement() if world.hosts and world.size > 1 else ''}); "
+        f"device {device}; global batch {global_batch} x {seq_len} tokens; "
         f"{step_fn.allreduce_buckets} allreduce bucket{'s' if step_fn.allreduce_buckets > 1 else ''}; malloc {active_allocator()}")
 
-    tokenizer = load_tokenizer(os.path.join(tcfg.model_dir, TOKENIZER_DIR)) if world.is_chief else None
-    eval_fn = make_eval_fn(model, tcfg.jit_compile)
-
-    def validate(step: int) -> dict | None:
-        if val_ds is None:
-            return None
-        m = evaluate(model, val_ds, tcfg.batch_size, tcfg.eval_steps, eval_fn)
-        writer.scalars("validation", step, {"loss": m["loss"], "perplexity": m["perplexity"], "accuracy": m["accuracy"]})
-        say(f"step {step}: val_loss {m['loss']:.4f} | val_ppl {m['perplexity']:.2f} | {m['tokens']:,} tokens")
-        return m
-
-    def sample(step: int) -> str | None:
-        if not world.is_chief or not tcfg.sample_prompt:
-            return None
-        budget = min(tcfg.sample_tokens, cfg.model.max_sequence_length - len(tokenizer.encode(tcfg.sample_prompt)))
-        if budget < 1:
-            say(f"warning: --sample_prompt fills the {cfg.model.max_sequence_length}-token context; no sample")
-            return None
-        text = generate_text(model, tokenizer, [tcfg.sample_prompt], SamplingConfig("greedy", max_new_tokens=budget))[0]
-        writer.text("train", step, "sample", tcfg.sample_prompt + text)
-        return tcfg.sample_prompt + text
-
-    def save(step: int, epoch: int, val_loss: float | None, tokens_seen: float) -> str | None:
-        if not world.is_chief:
-            return None
-        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in model.trainable_variables):
-            raise TrainingError(f"non-finite weights after step {step}; not saved, the last good checkpoint is "
-                                f"{ckpts.latest() or 'none'}")
-        return ckpts.save(step, state_vars, {
-            "epoch": epoch, "world_size": world.size, "batch_size": tcfg.batch_size,
-            "grad_accum_steps": tcfg.grad_accum_steps, "tokens_seen": tokens_seen}, val_loss)
-
-    def run_rate() -> float:
-        return run_tokens / run_time if run_time else tokens_per_sec
-
-    signalled = []
-    previous = {s: signal.signal(s, lambda signum, frame: signalled.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
-    stream = train_ds.stream(start * tcfg.grad_accum_steps, world.rank, world.size, tcfg.batch_size, tcfg.seed,
-                             tcfg.shuffle_buffer)
-    step, epoch = start, 0
+    if tcfg.elastic:
+        batches = GlobalBatches(GlobalOrder(train_ds, tcfg.seed), tcfg.batch_size, tcfg.grad_accum_steps, tcfg.sample_log)
+    else:
+        batches = StreamBatches(train_ds, tcfg, start)
+    loop.task = LanguageModelTask(cfg, step_fn, batches, val_ds, metrics_log.writer, say)
     end = min(tcfg.train_steps, start + tcfg.stop_after) if tcfg.stop_after else tcfg.train_steps
-    metrics_log = open(os.path.join(tcfg.model_dir, "metrics.jsonl"), "a") if world.is_chief else None
-    tokens_seen = float(state.get("tokens_seen", 0.0))
-    last_val = state.get("val_loss")
-    history = []
-    # Throughput counts time spent fetching data and stepping only; validation, samples and
-    # checkpoints are kept out of it.
-    window_tokens, window_time, window_steps = 0.0, 0.0, 0
-    tokens_per_sec = 0.0
-    # The run's figure leaves out its first steps, which compile the step (seconds with XLA).
-    run_tokens, run_time = 0.0, 0.0
     try:
-        while step < end:
-            started = time.perf_counter()
-            micro = []
-            for _ in range(tcfg.grad_accum_steps):
-                epoch, batch = next(stream)
-                micro.append(batch)
-            metrics = {k: float(v) for k, v in step_fn(micro, stop_requested=bool(signalled)).items()}
-            step += 1
-            elapsed = time.perf_counter() - started
-            window_time += elapsed
-            if not math.isfinite(metrics["loss"]):
-                raise TrainingError(f"non-finite loss ({metrics['loss']}) at step {step}; "
-                                    f"the last good checkpoint is {ckpts.latest() or 'none'}")
-            tokens_seen += metrics["tokens"]
-            window_tokens += metrics["tokens"]
-            window_steps += 1
-            if step - start > WARMUP_STEPS:
-                run_tokens += metrics["tokens"]
-                run_time += elapsed
-            history.append(metrics["loss"])
-            if step % tcfg.log_every == 0 or step == end:
-                tokens_per_sec = window_tokens / max(window_time, 1e-9)
-                step_ms = 1000 * window_time / window_steps
-                achieved = tokens_per_sec * fpt
-                scalars = {"loss": metrics["loss"], "perplexity": perplexity(metrics["loss"]),
-                           "accuracy": metrics["accuracy"], "learning_rate": current_lr(optimizer),
-                           "grad_norm": metrics["grad_norm"], "tokens_seen": tokens_seen}
-                perf = {"tokens_per_sec": tokens_per_sec, "step_time_ms": step_ms, "model_flops_per_sec": achieved}
-                if peak:
-                    perf["mfu"] = achieved / (peak * world.size)
-                writer.scalars("train", step, {**scalars, **{f"perf/{k}": v for k, v in perf.items()}})
-                if metrics_log:
-                    metrics_log.write(json.dumps({"step": step, **scalars, **perf}) + "\n")
-                    metrics_log.flush()
-                mfu = f" | MFU {perf['mfu']:.1%}" if peak else f" | {achieved / 1e9:.1f} GFLOP/s"
-                say(f"step {step}/{tcfg.train_steps} | loss {metrics['loss']:.4f} | lr {scalars['learning_rate']:.2e} | "
-                    f"gnorm {metrics['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | {step_ms:.1f} ms/step{mfu}")
-                window_tokens, window_time, window_steps = 0.0, 0.0, 0
-            if metrics["stop"] > 0:  # after logging: the step ran, so its metrics are kept
-                path = save(step, epoch, None, tokens_seen)
-                raise StopRequested(step, path)
-            val = None
-            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.train_steps:
-                val = validate(step)
-                last_val = val["loss"] if val else last_val
-            if tcfg.sample_every and step % tcfg.sample_every == 0 and step < tcfg.train_steps:
-                sample(step)
-            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.train_steps:
-                save(step, epoch, val["loss"] if val else None, tokens_seen)
-        if step < tcfg.train_steps:  # --stop_after: save and leave the rest to the next run
-            path = save(step, epoch, None, tokens_seen)
-            say(f"stopped after {step - start} steps at step {step} (--stop_after); rerun to continue; "
-                f"checkpoint: {path}")
-            return {"step": step, "val_loss": last_val, "tokens_per_sec": run_rate(), "losses": history,
-                    "checkpoint": path}
-        final_val = validate(step)
-        last_val = final_val["loss"] if final_val else last_val
-        path = save(step, epoch, last_val, tokens_seen) if step > start or not ckpts.latest() else ckpts.latest()
-        text = sample(step)
-        writer.flush()
-        if text is not None:
-            say(f"sample at step {step}:\n{text}")
-        say(f"checkpoint: {path}\nTensorBoard: {os.path.join(tcfg.model_dir, 'tb')}")
-        return {"step": step, "val_loss": last_val, "tokens_per_sec": run_rate(), "losses": history,
-                "checkpoint": path}
+        if tcfg.elastic:
+            from tfllm.elastic import train_elastic
+            return train_elastic(loop, end, tcfg, log)
+        loop.run(end)
+        return loop.task.finish(loop)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        writer.close()
-        if metrics_log:
-            metrics_log.close()
+        metrics_log.close()

@@ -83,7 +83,8 @@ def main():
 
 def collective_ops(step, shape):
     """Horovod allreduce ops in the traced step: each runs once per optimizer step."""
-    graph = step._step_fn.get_concrete_function(tf.TensorSpec(shape, tf.int32), tf.TensorSpec([], tf.float32)).graph
+    graph = step._step_fn.get_concrete_function(tf.TensorSpec(shape, tf.int32), tf.TensorSpec([], tf.float32),
+                                                tf.TensorSpec([], tf.float32)).graph
     return sum(op.type.startswith("HorovodGroupedAllreduce") or op.type == "HorovodAllreduce"
                for op in graph.get_operations())
 
