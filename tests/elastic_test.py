@@ -58,3 +58,12 @@ def test_bad_elastic_flags_are_refused(train, message):
                  train=TrainConfig(model_dir="m", **train))
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
+
+
+def test_a_failure_before_the_first_commit_leaves_the_state_to_the_next_sync():
+    loop = _Loop()
+    state = ElasticState(loop, None, TrainConfig(model_dir="m", elastic=True), lambda *a: None, 10)
+    before = weights_digest(loop.variables)
+    state.restore()
+    state.keep()
+    assert weights_digest(loop.variables) == before and loop.state.step == 5

@@ -73,6 +73,8 @@ class ElasticState:
         self.committed = ([v.numpy() for v in variables], copy.deepcopy(self.loop.state))
 
     def restore(self) -> None:
+        if self.committed is None:  # lost during the first sync: the next sync sets everything
+            return
         values, state = self.committed
         lost = self.loop.state.step - state.step
         for v, value in zip(self.loop.variables, values):
@@ -97,8 +99,10 @@ class ElasticState:
 
     def keep(self) -> None:
         """The last commit to disk, once per step whoever gets there first."""
-        values, state = self.committed
         self.lost_at = time.monotonic()
+        if self.committed is None:
+            return
+        values, state = self.committed
         checkpoints = self.loop.checkpoints
         os.makedirs(checkpoints.dir, exist_ok=True)
         with open(os.path.join(checkpoints.dir, ".elastic.lock"), "w") as lock:
@@ -136,6 +140,8 @@ class ElasticState:
                          f"micro-batches ({world.size * self.tcfg.batch_size * accumulation} windows per step)")
             batches.micro_batches = accumulation
         self.step_fn.retrace(accumulation)
+        self.loop.checkpoint_meta.update(grad_accum_steps=batches.micro_batches,
+                                         global_batch=world.size * self.tcfg.batch_size * batches.micro_batches)
         schedule = getattr(self.loop.optimizer, "inner_optimizer", self.loop.optimizer)._learning_rate
         if hasattr(schedule, "world_size"):
             schedule.world_size.assign(float(world.size))

@@ -1,5 +1,8 @@
 """Elastic mode on this machine (two ranks under horovodrun's elastic launcher): checkpoints move
-between elastic and non-elastic runs in both directions."""
+between elastic and non-elastic runs in both directions, and --elastic_global_batch picks the
+accumulation."""
+
+import json
 
 import pytest
 
@@ -16,11 +19,15 @@ def test_checkpoints_resume_across_elastic_and_static_runs(tmp_path):
     first = logged_losses(tmp_path / "model")
     assert max(first) == 10
 
-    proc = run(common + ["--elastic", "--elastic_commit_every=3"], launcher="elastic")
+    # 2 ranks x batch 8 keep 32 windows per step with 2 micro-batches.
+    proc = run(common + ["--elastic", "--elastic_commit_every=3", "--elastic_global_batch=32"], launcher="elastic")
     assert "resumed from step 10" in proc.stdout and "elastic: generation 0: 2 rank(s) at step 10" in proc.stdout
     assert "elastic: final weights identical on 2 rank(s)" in proc.stdout
     elastic = logged_losses(tmp_path / "model")
     assert max(elastic) == 20
+    records = map(json.loads, (tmp_path / "model" / "metrics.jsonl").read_text().splitlines())
+    seen = {r["step"]: r["tokens_seen"] for r in records}
+    assert seen[12] - seen[11] == 32 * 64 and seen[10] - seen[9] == 16 * 64
     # Continued training, not a fresh model: nearer the loss it stopped at than the first one.
     assert elastic[11] < (first[1] + first[10]) / 2, (first[1], first[10], elastic[11])
 
