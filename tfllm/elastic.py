@@ -80,7 +80,6 @@ class ElasticState:
         for v, value in zip(self.loop.variables, values):
             v.assign(value)
         self.loop.state = copy.deepcopy(state)
-        self.lost_at = time.monotonic()
         self.say(f"elastic: a collective failed; rolled back to the commit at step {state.step} "
                  f"({lost} step{'s' if lost != 1 else ''} to redo)")
 
@@ -98,33 +97,27 @@ class ElasticState:
         self._adapt()
 
     def keep(self) -> None:
-        """The last commit to disk, once per step whoever gets there first."""
+        """The last commit to disk, once per step whoever gets there first.
+
+        `elastic_run` calls it right after a restore or at a commit, so the live state is the
+        commit and is saved as it is.
+        """
         self.lost_at = time.monotonic()
         if self.committed is None:
             return
-        values, state = self.committed
+        step = self.loop.state.step
         checkpoints = self.loop.checkpoints
         os.makedirs(checkpoints.dir, exist_ok=True)
         with open(os.path.join(checkpoints.dir, ".elastic.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             latest = checkpoints.latest()
-            if latest and int(checkpoints.read_state(latest).get("step", -1)) >= state.step:
+            if latest and int(checkpoints.read_state(latest).get("step", -1)) >= step:
                 return
-            current = ([v.numpy() for v in self.loop.variables], self.loop.state)
-            self._assign(values, state)
-            try:
-                path = self.loop.save(any_rank=True)
-            finally:
-                self._assign(*current)
-        self.log(f"elastic: the commit of step {state.step} saved to {path}; waiting up to horovodrun's "
+            path = self.loop.save(any_rank=True)
+        self.log(f"elastic: the commit of step {step} saved to {path}; waiting up to horovodrun's "
                  "--elastic-timeout for enough workers to re-form the ring")
 
     # -- helpers
-    def _assign(self, values, state) -> None:
-        for v, value in zip(self.loop.variables, values):
-            v.assign(value)
-        self.loop.state = state
-
     def _adapt(self) -> None:
         """Fits the step to the world of this generation."""
         world = distributed.world()

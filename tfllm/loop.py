@@ -93,9 +93,6 @@ class Task:
     def finish(self, loop: "TrainLoop") -> dict:
         raise NotImplementedError
 
-    def on_world_change(self) -> None:
-        """The world's rank or size changed (elastic mode): repartition the data."""
-
 
 class MetricsLog:
     """Console line, TensorBoard scalars and metrics.jsonl every `log_every` steps, with the
@@ -169,10 +166,12 @@ class TrainLoop:
     def variables(self) -> list:
         return list(self.model.variables) + list(self.optimizer.variables)
 
-    def restore(self, path: str, samples_per_step: int) -> None:
+    def restore(self, path: str, samples_per_step: int) -> dict:
+        """Loads a checkpoint into the variables and the state; returns its state.json."""
         stored = self.checkpoints.restore(path, self.variables)
         self.state = LoopState.from_checkpoint(stored, samples_per_step)
         self.start_step = self.state.step
+        return stored
 
     def save(self, val_loss: float | None = None, any_rank: bool = False) -> str | None:
         """Rank 0 (or, with any_rank, this process) writes a checkpoint of the current state."""

@@ -314,8 +314,8 @@ def pretrain(cfg: Config, log=print) -> dict:
         _write_model_dir(cfg)
         latest = ckpts.latest()
         if latest:
-            loop.restore(latest, global_batch)
-            return {"state": loop.state, "stored": ckpts.read_state(latest)}
+            stored = loop.restore(latest, global_batch)
+            return {"state": loop.state, "stored": stored}
         if tcfg.init_preset:  # a new run only: a checkpoint always wins over the preset
             preset.load_weights(model, tcfg.init_preset)
             say(f"initialised from keras-hub preset {tcfg.init_preset}")
