@@ -66,6 +66,7 @@ class ElasticState:
         self.world_size = None
         self.lost_at = None  # when the last failure or removal was seen
         self.resumed_from = None  # step training resumed from after the last reset
+        self.rolled_back = None  # what the last restore undid, until the new world's rank 0 says it
 
     # -- Horovod's hooks
     def commit(self) -> None:
@@ -80,8 +81,9 @@ class ElasticState:
         for v, value in zip(self.loop.variables, values):
             v.assign(value)
         self.loop.state = copy.deepcopy(state)
-        self.say(f"elastic: a collective failed; rolled back to the commit at step {state.step} "
-                 f"({lost} step{'s' if lost != 1 else ''} to redo)")
+        # Said after the ring re-forms, by the new rank 0: the old one may be the worker that died.
+        self.rolled_back = f"a collective failed; rolled back to the commit at step {state.step} " \
+                           f"({lost} step{'s' if lost != 1 else ''} to redo)"
 
     def sync(self) -> None:
         distributed.broadcast_variables(self.loop.variables)
@@ -92,6 +94,9 @@ class ElasticState:
         self.commit()
 
     def reset(self) -> None:
+        if self.rolled_back:
+            self.say(f"elastic: {self.rolled_back}")
+            self.rolled_back = None
         self.generation += 1
         self.lost_at = self.lost_at or time.monotonic()
         self._adapt()

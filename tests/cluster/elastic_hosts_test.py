@@ -122,7 +122,9 @@ def elastic_job(cluster, tmp_path, hosts: list[str], min_np: int, steps: int, ti
 
 
 def test_host_leaves_and_returns_in_the_same_processes_with_each_window_once(cluster3, tmp_path):
-    with elastic_job(cluster3, tmp_path, ["h1", "h2", "h3"], 2, 110) as (hosts, model, log, job):
+    # Enough steps that h3 rejoins before the end: its restart (ssh, TensorFlow import, model
+    # build) takes several seconds, hundreds of this model's steps.
+    with elastic_job(cluster3, tmp_path, ["h1", "h2", "h3"], 2, 1000) as (hosts, model, log, job):
         wait_until(lambda: steps_done(model) >= 12, "12 steps on 3 hosts", job, 300)
         hosts.write_text("h1\nh2\n")
         wait_until(lambda: "world 3 -> 2" in log.read_text(), "the ring re-formed without h3", job)
