@@ -10,7 +10,7 @@ export TFLLM_VENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-fast gpu-build-check bench bench-cluster cluster-down clean
+.PHONY: install demo test test-fast gpu-build-check bench bench-cluster bench-prepare cluster-down clean
 
 install:
 	@bash .ci/install.sh
@@ -50,6 +50,12 @@ bench: install
 	$(PY) -m pipelines.benchmark $(BENCH_FLAGS) --mode=variants --bench_steps=40 --output_json=.bench/variants.json
 	$(PY) -m pipelines.benchmark --flagfile=flags/gpt2_124m.cfg --bench_vocab=50304 --mode=costmodel \
 	  --calibration_json=.bench/step$(NP).json --plot=.bench/scaling.png --output_json=.bench/costmodel.json
+
+# Data preparation: tokens/s, MB/s and peak RSS for 1 and 2 workers and 2 ranks, SentencePiece BPE and
+# WordPiece of 8,000 tokens, on IMDB and on ~1 GB of it built in a scratch directory (about 12 minutes).
+bench-prepare: install
+	mkdir -p .bench
+	$(PY) tests/benchmarks/prepare_bench.py --output_json=.bench/prepare.json
 
 # Step and allreduce times on 2 and 3 emulated hosts (network namespaces, root) over links shaped to
 # 1 and 10 Gbit/s, and the cost model calibrated on 2 hosts against 3 (about 15 minutes on 2 cores).

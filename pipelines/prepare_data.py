@@ -1,19 +1,24 @@
-"""Raw text -> tokenizer + TFRecord shards + manifest.json.
+"""Raw text -> tokenizer + TFRecord shards + manifest.json, on every core of every rank.
 
-Single process (preparation is one process; it already uses every core through tf.data):
+Single process (--workers threads, by default one per usable core):
     python -m pipelines.prepare_data --corpus=builtin:python-stdlib --data_dir=/tmp/stdlib \
         --tokenizer=sentencepiece_bpe --vocab_size=8000 --seq_len=256
     python -m pipelines.prepare_data --flagfile=flags/shakespeare_char.cfg --data_dir=/tmp/shakespeare
 
-Pretraining prepares its data on first use, so under horovodrun / mpirun nothing else is needed:
-    horovodrun -np 2 -H localhost:2 --gloo python -m pipelines.pretrain --flagfile=flags/tiny.cfg --model_dir=DIR
-    mpirun -np 2 python -m pipelines.pretrain --flagfile=flags/tiny.cfg --model_dir=DIR
-Inputs: files, directories and globs of .txt / .jsonl (--jsonl_field) and their .gz forms.
+Several ranks (each tokenizes its share of the corpus; rank 0 assembles the same shards that
+one process would; --data_dir must be on a filesystem every rank shares):
+    horovodrun -np 4 -H node1:2,node2:2 --gloo python -m pipelines.prepare_data --corpus=/data/owt \
+        --tokenizer_dir=/data/tok --data_dir=/data/owt-256
+    mpirun -np 4 -H node1:2,node2:2 python -m pipelines.prepare_data --corpus=/data/owt \
+        --tokenizer_dir=/data/tok --data_dir=/data/owt-256
+Pretraining prepares its data on first use the same way, on all of its ranks.
+Inputs: files, directories and globs of .txt / .jsonl (--jsonl_field), their .gz / .zst forms, and
+.parquet (--parquet_column).
 """
 
 from absl import flags
 
-from tfllm import cli
+from tfllm import cli, distributed
 from tfllm.config import ConfigError
 from tfllm.data.prepare import prepare
 from tfllm.flags import data_config_from_flags, define_data_flags
@@ -26,7 +31,7 @@ def main(argv):
     cfg = data_config_from_flags()
     if not cfg.data_dir:
         raise ConfigError("--data_dir is required")
-    prepare(cfg, cfg.data_dir)
+    prepare(cfg, cfg.data_dir, world=distributed.init(pin_gpu=False))
 
 
 if __name__ == "__main__":

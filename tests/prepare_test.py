@@ -8,6 +8,7 @@ import tensorflow as tf
 from tfllm import tokenizers
 from tfllm.config import ConfigError, DataConfig
 from tfllm.data import prepare as prep
+from tfllm.data import shards
 from tfllm.data.corpus import CorpusError
 
 
@@ -79,7 +80,7 @@ def test_document_split_is_deterministic_and_by_document(tmp_path, corpus_dir):
     a = prep.prepare(config(corpus_dir), str(tmp_path / "a"), log=lambda *a: None)
     b = prep.prepare(config(corpus_dir), str(tmp_path / "b"), log=lambda *a: None)
     assert [s["sha256"] for s in a["splits"]["train"]["shards"]] == [s["sha256"] for s in b["splits"]["train"]["shards"]]
-    val_docs = [i for i in range(40) if prep._is_val_document(i, 1, 0.2)]
+    val_docs = [i for i in range(40) if shards.is_val_document(i, 1, 0.2)]
     assert 0 < len(val_docs) < 40
     c = prep.prepare(config(corpus_dir, seed=2), str(tmp_path / "c"), log=lambda *a: None)
     assert c["splits"]["validation"]["tokens"] != a["splits"]["validation"]["tokens"]
@@ -114,20 +115,31 @@ def test_refuses_existing_output_and_keeps_it(tmp_path, corpus_dir):
     assert json.loads((out / "manifest.json").read_text())["seq_len"] == 8
 
 
-def test_interrupted_run_leaves_previous_output_and_no_debris(tmp_path, corpus_dir, monkeypatch):
+def test_interrupted_run_keeps_previous_output_and_a_rerun_reuses_its_parts(tmp_path, corpus_dir, monkeypatch):
     out = tmp_path / "data"
-    prep.prepare(config(corpus_dir), str(out), log=lambda *a: None)
-    before = sorted(os.listdir(out))
+    first = prep.prepare(config(corpus_dir), str(out), log=lambda *a: None)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out) if name != "tokenizer"}
     calls = []
+    extend = shards.Packer.extend
 
-    def boom(self, ids):
+    def boom(self, tokens):
         calls.append(1)
-        if len(calls) > 5:
+        if len(calls) > 1:
             raise KeyboardInterrupt
-    monkeypatch.setattr(prep.Packer, "add", boom)
+        extend(self, tokens)
+    monkeypatch.setattr(shards.Packer, "extend", boom)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare(config(corpus_dir, overwrite=True), str(out), log=lambda *a: None)
-    assert sorted(os.listdir(out)) == before
+    assert {name: (out / name).read_bytes() for name in os.listdir(out) if name != "tokenizer"} == before
+    # nothing that looks like a dataset: only the finished parts, for the rerun
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "data", "data.parts"]
+    assert not (tmp_path / "data.parts" / prep.MANIFEST).exists()
+    monkeypatch.setattr(shards.Packer, "extend", extend)
+    said = []
+    again = prep.prepare(config(corpus_dir, overwrite=True), str(out), log=said.append)
+    assert any(line.startswith("reused 40 of") for line in said)
+    assert [s["sha256"] for s in again["splits"]["train"]["shards"]] == \
+        [s["sha256"] for s in first["splits"]["train"]["shards"]]
     assert sorted(os.listdir(tmp_path)) == ["corpus", "data"]
 
 
@@ -141,7 +153,11 @@ def test_bad_inputs_are_clear_errors(tmp_path, corpus_dir):
     with pytest.raises(ConfigError, match="validation split is empty.*--split=tail"):
         prep.prepare(config(corpus_dir, corpus=[str(tmp_path / "one.txt")], num_shards=1),
                      str(tmp_path / "o3"), log=lambda *a: None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "empty.txt", "one.txt"]
+    # Settings errors found while assembling keep the tokenized parts: fixing the flag reuses them.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "empty.txt", "o2.parts", "o3.parts", "one.txt"]
+    said = []
+    prep.prepare(config(corpus_dir), str(tmp_path / "o2"), log=said.append)
+    assert any(line.startswith("reused 40 of") for line in said) and not (tmp_path / "o2.parts").exists()
 
 
 def test_ensure_prepared_reuses_or_refuses(tmp_path, corpus_dir):

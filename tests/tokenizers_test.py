@@ -65,3 +65,26 @@ def test_missing_or_corrupt_tokenizer_dir(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ConfigError, match="corrupt"):
         T.load_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("kind,vocab", [("char", 0), ("byte", 0), ("wordpiece", 400), ("sentencepiece_bpe", 400),
+                                        ("sentencepiece_unigram", 400)])
+def test_bulk_encoding_gives_the_ids_of_the_graph_tokenizer(kind, vocab):
+    """Preparation encodes with encode_batch (for SentencePiece, the library itself); training,
+    generation and the export use tokenize. Both must give the same ids."""
+    import gzip
+    import json
+
+    from conftest import SHAKESPEARE, SHARED
+
+    with gzip.open(SHARED / "data" / "imdb" / "test.jsonl.gz", "rt") as f:
+        reviews = [json.loads(next(f))["text"] for _ in range(400)]
+    play = SHAKESPEARE.read_text()
+    texts = reviews + [play[i: i + 3000] for i in range(0, 60000, 3000)] + [
+        "", " leading and trailing  ", "tabs\tand\nnewlines\n\n", "ünïcödé — ✓ 漢字 🙂", "x" * 5000]
+    tok = T.train_tokenizer(kind, iter(reviews[:200] + [play[:50000]]), vocab)
+    flat, lengths = tok.encode_batch(texts)
+    expected = tok.tokenize(tf.constant(texts))
+    assert lengths.tolist() == expected.row_lengths().numpy().tolist()
+    assert flat.tolist() == expected.flat_values.numpy().tolist()
+    assert flat.dtype.name == "int32" and lengths.sum() == len(flat)

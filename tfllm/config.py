@@ -37,13 +37,17 @@ class DataConfig:
     split: str = "document"  # "document": whole documents by hash; "tail": last fraction of the text
     num_shards: int = 4
     jsonl_field: str = "text"
+    parquet_column: str = "text"
     on_decode_error: str = "strict"  # strict | replace | skip
     max_corpus_bytes: int = 0  # 0: no limit; caps the built-in corpus and big inputs for demos
     tokenizer_sample_bytes: int = 50_000_000
     seed: int = 0
     overwrite: bool = False
+    workers: int = 0  # tokenizing threads per rank; 0: the usable cores divided among the host's ranks
 
     def validate(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"--workers={self.workers}: must be 0 (the usable cores) or more")
         if self.tokenizer not in TOKENIZER_KINDS:
             raise ConfigError(f"--tokenizer={self.tokenizer!r}: expected one of {', '.join(TOKENIZER_KINDS)}")
         if self.split not in ("document", "tail"):

@@ -13,13 +13,13 @@ import tensorflow as tf
 from tfllm import distributed
 from tfllm.data.corpus import Corpus
 from tfllm.data.pipeline import DataError, WindowDataset, untuned
-from tfllm.data.prepare import Packer
+from tfllm.data.shards import Packer
 from tfllm.models import lm_loss_sums, perplexity
 
 
 class _ListWriter:
     def __init__(self, windows: list):
-        self.write = lambda window: windows.append(np.array(window, np.int32))
+        self.write_many = lambda rows: windows.extend(np.array(rows, np.int32))
 
 
 class TextWindows:

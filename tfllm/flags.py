@@ -50,10 +50,13 @@ def define_data_flags() -> None:
                       "document: hold out whole documents by seeded hash; tail: the last fraction of the text.")
     flags.DEFINE_integer("num_shards", _D.num_shards, "TFRecord shards per split.")
     flags.DEFINE_string("jsonl_field", _D.jsonl_field, "Text field of .jsonl records.")
+    flags.DEFINE_string("parquet_column", _D.parquet_column, "Text column of .parquet files (Hugging Face datasets).")
+    flags.DEFINE_integer("workers", _D.workers, "Tokenizing threads per rank (0: the usable cores, shared among "
+                         "the ranks on a host). The output does not depend on it.")
     flags.DEFINE_enum("on_decode_error", _D.on_decode_error, ["strict", "replace", "skip"],
                       "Non-UTF-8 input: fail (naming file and byte offset), replace bad bytes, or skip the document.")
     flags.DEFINE_integer("max_corpus_bytes", _D.max_corpus_bytes, "Stop reading the corpus after this many characters (0: all).")
-    flags.DEFINE_integer("tokenizer_sample_bytes", _D.tokenizer_sample_bytes, "Characters used to train the tokenizer.")
+    flags.DEFINE_integer("tokenizer_sample_bytes", _D.tokenizer_sample_bytes, "Characters used to train the tokenizer, taken from the start of every file in proportion to its size.")
     flags.DEFINE_integer("data_seed", _D.seed, "Seed of the document split.")
     flags.DEFINE_bool("overwrite", _D.overwrite, "Replace an existing prepared data directory.")
 
@@ -182,7 +185,8 @@ def data_config_from_flags() -> DataConfig:
         tokenizer_dir=FLAGS.tokenizer_dir, seq_len=FLAGS.seq_len, window_stride=FLAGS.window_stride,
         val_fraction=FLAGS.val_fraction, split=FLAGS.split, num_shards=FLAGS.num_shards, jsonl_field=FLAGS.jsonl_field,
         on_decode_error=FLAGS.on_decode_error, max_corpus_bytes=FLAGS.max_corpus_bytes,
-        tokenizer_sample_bytes=FLAGS.tokenizer_sample_bytes, seed=FLAGS.data_seed, overwrite=FLAGS.overwrite)
+        tokenizer_sample_bytes=FLAGS.tokenizer_sample_bytes, seed=FLAGS.data_seed, overwrite=FLAGS.overwrite,
+        parquet_column=FLAGS.parquet_column, workers=FLAGS.workers)
 
 
 def model_config_from_flags() -> ModelConfig:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import itertools
 import json
 import os
 from typing import Iterable, Iterator
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_text as tf_text
 
@@ -49,6 +51,26 @@ class Tokenizer(tf.Module):
 
     def encode(self, text: str) -> list[int]:
         return self.tokenize(tf.constant([text]))[0].numpy().tolist()
+
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(every text's ids concatenated, int32; each text's id count) for bulk preparation.
+
+        Safe to call from several threads at once: TensorFlow kernels run without the GIL.
+        """
+        flat, lengths, group, size = [], [], [], 0
+        for text in list(texts) + [None]:
+            # Calls of ~1 MB: one call for a whole 8 MB block held ~340 MB of intermediates (WordPiece).
+            if group and (text is None or size + len(text) > 1 << 20 or len(group) == 256):
+                ids = self.tokenize(tf.constant(group))
+                flat.append(ids.flat_values.numpy().astype(np.int32, copy=False))
+                lengths.append(ids.row_lengths().numpy().astype(np.int64))
+                group, size = [], 0
+            if text is not None:
+                group.append(text)
+                size += len(text)
+        if not flat:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64)
+        return np.concatenate(flat), np.concatenate(lengths)
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = tf.ragged.constant([list(ids)], dtype=tf.int32)
@@ -200,6 +222,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.model_proto = model_proto
         self._tokenizer = tf_text.SentencepieceTokenizer(model=model_proto, out_type=tf.int32)
         self._vocab_size = int(self._tokenizer.vocab_size().numpy())
+        self._processor = None
 
     @property
     def vocab_size(self) -> int:
@@ -210,6 +233,18 @@ class SentencePieceTokenizer(Tokenizer):
 
     def detokenize(self, ids):
         return self._tokenizer.detokenize(_drop_specials(ids))
+
+    def encode_batch(self, texts):
+        # The sentencepiece library itself, on the same model proto (the same C++ code tensorflow-text
+        # wraps): it releases the GIL, so preparation threads scale across cores (measured 2.2x on 2
+        # cores, against 1.2x for the TF op, which serialises). tokenizers_test checks the ids agree.
+        if self._processor is None:
+            import sentencepiece
+
+            self._processor = sentencepiece.SentencePieceProcessor(model_proto=self.model_proto)
+        ids = self._processor.encode(list(texts), num_threads=1)
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        return np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum())), lengths
 
     def files(self):
         return {

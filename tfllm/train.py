@@ -285,7 +285,7 @@ def pretrain(cfg: Config, log=print) -> dict:
     # Elastic mode runs no collective before the ring forms (joiners would deadlock): each
     # worker checks for itself, and rank 0's state reaches the others in the first sync.
     agree = (lambda fn: fn()) if tcfg.elastic else _agree
-    manifest = _prepare_locally(cfg.data) if tcfg.elastic else _agree(lambda: ensure_prepared(cfg.data, log=say))
+    manifest = _prepare_locally(cfg.data) if tcfg.elastic else ensure_prepared(cfg.data, log=say, world=world)
     resolve_config(cfg, manifest)
     agree(lambda: check_model_dir(cfg))
     train_ds = WindowDataset(cfg.data.data_dir, "train", verify=tcfg.verify_data)

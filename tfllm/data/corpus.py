@@ -1,15 +1,15 @@
-"""Raw text corpora: files, directories, globs, .txt/.jsonl and their .gz forms.
+"""Raw text corpora: files, directories and globs of .txt, .jsonl (and their .gz/.zst forms) and Parquet.
 
-Documents are streamed one at a time; nothing holds the whole corpus in memory. A `.txt`
-file is one document; each line of a `.jsonl` file is one document (its text field chosen by
-flag). `builtin:python-stdlib` is the Python standard library's own source, which exists on
+Files are read as blocks (`tfllm.data.formats`), so nothing holds a whole file in memory. A
+`.txt` file is one document, cut into one piece per block; each line of a `.jsonl` file is one
+document (its text field chosen by --jsonl_field), and so is each row of a Parquet file (its
+text column chosen by --parquet_column). `builtin:python-stdlib` is the Python standard library's own source, which exists on
 every machine that runs tfllm, so the demo needs no download.
 """
 
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
 import json
 import os
@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from tfllm.config import ConfigError
+from tfllm.data import formats
+from tfllm.data.formats import CorpusError  # noqa: F401  (raised here and by formats)
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
-TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".py", ".md")
-
-
-class CorpusError(ValueError):
-    """Bad input data; the message names the file."""
+TEXT_SUFFIXES = (".txt", ".jsonl", ".py", ".md", ".parquet") + tuple(
+    s + c for s in (".txt", ".jsonl") for c in (".gz", ".zst"))
 
 
 @dataclass(frozen=True)
@@ -79,52 +78,101 @@ def resolve_files(specs: list[str]) -> list[str]:
     return unique
 
 
-def _read_bytes(path: str) -> bytes:
-    try:
-        if path.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        with open(path, "rb") as f:
-            return f.read()
-    except (OSError, EOFError) as e:
-        raise CorpusError(f"{path}: cannot read ({e})") from None
-
-
-def _decode(data: bytes, path: str, policy: str, line_offset: int = 0) -> str | None:
+def _decode(data: bytes, where: str, policy: str, offset: int = 0) -> str | None:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         if policy == "strict":
             raise CorpusError(
-                f"{path}: invalid UTF-8 at byte offset {line_offset + e.start} "
+                f"{where}: invalid UTF-8 at byte offset {offset + e.start} "
                 "(use --on_decode_error=replace or skip to continue)") from None
         if policy == "skip":
             return None
         return data.decode("utf-8", errors="replace")
 
 
-class Corpus:
-    """An ordered, re-iterable stream of documents."""
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    last: bool  # the piece ends its document (a .txt file is one document, in one piece per block)
 
-    def __init__(self, specs: list[str], jsonl_field: str = "text", on_decode_error: str = "strict",
-                 max_bytes: int = 0):
-        self.files = resolve_files(specs)
+
+class Parser:
+    """Turns a block of one file into pieces of documents; counts what on_decode_error=skip dropped."""
+
+    def __init__(self, jsonl_field: str = "text", on_decode_error: str = "strict", parquet_column: str = "text"):
         self.jsonl_field = jsonl_field
         self.on_decode_error = on_decode_error
+        self.parquet_column = parquet_column
+
+    def pieces(self, path: str, block: formats.Block) -> tuple[list[Piece], int]:
+        fmt = formats.kind(path)[0]
+        if fmt == "parquet":
+            return [Piece(t, True) for t in block.data if t], 0
+        if fmt == "text":
+            text = _decode(block.data, path, self.on_decode_error, block.start)
+            if text:
+                return [Piece(text, block.last)], 0
+            return ([Piece("", True)] if block.last else []), int(text is None)
+        return self._jsonl(path, block)
+
+    def _line(self, path: str, block: formats.Block, index: int) -> int:
+        first = block.line or formats.line_at(path, block.start)
+        return first + index
+
+    def _jsonl(self, path: str, block: formats.Block) -> tuple[list[Piece], int]:
+        out, skipped, offset = [], 0, block.start
+        for index, line in enumerate(block.data.split(b"\n")):
+            start, offset = offset, offset + len(line) + 1
+            if not line.strip():
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                text = _decode(line, f"{path}:{self._line(path, block, index)}", self.on_decode_error, start)
+            if text is None:
+                skipped += 1
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path}:{self._line(path, block, index)}: not valid JSON ({e.msg} at column "
+                                  f"{e.colno}; the line starts at byte offset {start})") from None
+            value = record.get(self.jsonl_field) if isinstance(record, dict) else None
+            if not isinstance(value, str):
+                raise CorpusError(f"{path}:{self._line(path, block, index)}: no string field "
+                                  f"{self.jsonl_field!r} (see --jsonl_field)")
+            if value:
+                out.append(Piece(value, True))
+        return out, skipped
+
+
+class Corpus:
+    """An ordered, re-iterable stream of whole documents (evaluation and the tokenizer's sample)."""
+
+    def __init__(self, specs: list[str], jsonl_field: str = "text", on_decode_error: str = "strict",
+                 max_bytes: int = 0, parquet_column: str = "text"):
+        self.files = resolve_files(specs)
+        self.parser = Parser(jsonl_field, on_decode_error, parquet_column)
         self.max_bytes = max_bytes
         self.skipped = 0
         self.files_read: list[str] = []  # what the last full pass read (max_bytes may stop early)
 
     def fingerprint(self) -> list[dict]:
-        """Path, size and sha256 of every input file, for the manifest."""
-        out = []
-        for path in self.files_read or self.files:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            out.append({"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": h.hexdigest()})
-        return out
+        return fingerprint(self.files_read or self.files)
+
+    def documents(self, path: str) -> Iterator[Document]:
+        parts: list[str] = []
+        for block in formats.blocks(path, column=self.parser.parquet_column):
+            pieces, skipped = self.parser.pieces(path, block)
+            self.skipped += skipped
+            for piece in pieces:
+                parts.append(piece.text)
+                if piece.last:
+                    text = "".join(parts) if len(parts) > 1 else parts[0]
+                    parts = []
+                    if text:
+                        yield Document(path, text)
 
     def __iter__(self) -> Iterator[Document]:
         total = 0
@@ -133,37 +181,20 @@ class Corpus:
         for path in self.files:
             files_read.append(path)
             self.files_read = files_read
-            for doc in self._documents(path):
+            for doc in self.documents(path):
                 if self.max_bytes and total >= self.max_bytes:
                     return
                 total += len(doc.text)
                 yield doc
 
-    def _documents(self, path: str) -> Iterator[Document]:
-        data = _read_bytes(path)
-        if path.endswith((".jsonl", ".jsonl.gz")):
-            offset = 0
-            for lineno, line in enumerate(data.split(b"\n"), 1):
-                start, offset = offset, offset + len(line) + 1
-                if not line.strip():
-                    continue
-                text = _decode(line, f"{path}:{lineno}", self.on_decode_error, start)
-                if text is None:
-                    self.skipped += 1
-                    continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                value = record.get(self.jsonl_field) if isinstance(record, dict) else None
-                if not isinstance(value, str):
-                    raise CorpusError(f"{path}:{lineno}: no string field {self.jsonl_field!r} (see --jsonl_field)")
-                if value:
-                    yield Document(path, value)
-        else:
-            text = _decode(data, path, self.on_decode_error)
-            if text is None:
-                self.skipped += 1
-                return
-            if text:
-                yield Document(path, text)
+
+def fingerprint(files: list[str]) -> list[dict]:
+    """Path, size and sha256 of every input file, for the manifest."""
+    out = []
+    for path in files:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        out.append({"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": h.hexdigest()})
+    return out
