@@ -24,7 +24,7 @@ demo: install
 	  --train_steps=$(DEMO_STEPS) --eval_every=500 --checkpoint_every=500 --log_every=100
 	$(PY) -m pipelines.generate --model_dir=$(RUN_DIR)/model --prompt="def " --max_new_tokens=120 \
 	  --strategy=top_k --top_k=10 --temperature=0.8 --sampling_seed=0
-	@echo "TensorBoard logs: $(RUN_DIR)/model/tb   (view with: $(VENV)/bin/tensorboard --logdir $(RUN_DIR)/model/tb)"
+	@echo "Open TensorBoard: $(VENV)/bin/tensorboard --logdir $(RUN_DIR)/model/tb --port 6006, then http://localhost:6006"
 
 test: install
 	@bash .ci/test-tools.sh

@@ -4,6 +4,7 @@
 #   kubectl                      its built-in kustomize renders the k8s/ overlays
 #   openssh-server/-client       each emulated host of tests/cluster runs its own sshd
 #   iproute2, util-linux         network namespaces, veth, bridge, tc; unshare for host names
+#   chromium                     headless, renders TensorBoard's dashboards (tests/tensorboard_test.py)
 set -euo pipefail
 say() { printf '[test-tools] %s\n' "$*"; }
 die() { printf '[test-tools] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -16,7 +17,7 @@ apt_install() {
 }
 
 missing=()
-for pkg in openssh-server openssh-client iproute2 util-linux; do
+for pkg in openssh-server openssh-client iproute2 util-linux chromium; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then

@@ -78,7 +78,12 @@ def _costmodel(cfg) -> tuple[dict, list]:
         FLAGS.gpu_peak_tflops * 1e12, FLAGS.gpu_mfu, 2 if FLAGS.fp16_allreduce else 4, costmodel.Cluster(
             costmodel.Link(FLAGS.intra_node_gbps * 1e9, FLAGS.intra_node_latency_us * 1e-6),
             costmodel.Link(FLAGS.inter_node_gbps * 1e9, FLAGS.inter_node_latency_us * 1e-6), FLAGS.gpus_per_node))
-    return costmodel.report(_read_json(FLAGS.calibration_json, "calibration_json"), scenario, FLAGS.plot)
+    record = _read_json(FLAGS.calibration_json, "calibration_json")
+    try:
+        return costmodel.report(record, scenario, FLAGS.plot)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"--calibration_json={FLAGS.calibration_json}: not a usable N-rank step record "
+                          f"({'no field ' + str(e) if isinstance(e, KeyError) else e})") from None
 
 
 def _model_config():

@@ -88,7 +88,10 @@ def test_bad_requests_are_one_line_errors(tmp_path):
     assert missing.returncode == 1 and "error: --calibration_json=" in missing.stderr
     (tmp_path / "one.json").write_text(json.dumps({"world_size": 1, "tokens_per_sec_global": 1.0}))
     wrong = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={tmp_path / 'one.json'}"], check=False)
-    assert wrong.returncode == 1 and "error:" in wrong.stderr
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip().splitlines() == [
+        f"error: --calibration_json={tmp_path / 'one.json'}: not a usable N-rank step record (no field "
+        "'latency_allreduce_ms')"], wrong.stderr
 
 
 def test_step_is_measured_as_the_flags_configure_it(tmp_path):

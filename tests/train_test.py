@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,7 +35,12 @@ def test_end_to_end_writes_checkpoints_events_config_and_summary_lines(data_dir)
     rates = {json.loads(line)["step"]: json.loads(line)["tokens_per_sec"]
              for line in (model_dir / "metrics.jsonl").read_text().splitlines()}
     assert float(lines[-1].split("=")[1]) == pytest.approx(2 / (1 / rates[11] + 1 / rates[12]), rel=1e-3)
-    assert "sample at step 12:" in proc.stdout
+    assert "sample at step 12, top_k (k=10, temperature 0.8, seed 0):" in proc.stdout
+    summary = proc.stdout[proc.stdout.index("run summary"):]
+    assert "steps          12 (12 in this run)" in summary and "best val loss  " in summary
+    assert f"tensorboard --logdir {model_dir / 'tb'}" in summary
+    # a clean console: tfllm's lines, none of TensorFlow's C++ start-up notices
+    assert not re.search(r"^[IWEF]0000 |absl::InitializeLog|cuda|CUDA", proc.stdout + proc.stderr, re.M), proc.stderr
     assert "malloc tcmalloc" in proc.stdout  # the install provides it; pipelines re-exec onto it
     assert sorted(os.listdir(model_dir / "checkpoints")) == ["ckpt-00000006", "ckpt-00000012", "index.json"]
     index = json.loads((model_dir / "checkpoints" / "index.json").read_text())

@@ -104,6 +104,15 @@ def define_train_flags() -> None:
     flags.DEFINE_integer("sample_every", _T.sample_every, "Steps between text samples in TensorBoard (0: only at the end).")
     flags.DEFINE_string("sample_prompt", _T.sample_prompt, "Prompt of the periodic samples.")
     flags.DEFINE_integer("sample_tokens", _T.sample_tokens, "Tokens per sample.")
+    flags.DEFINE_enum("sample_strategy", _T.sample_strategy, STRATEGIES, "Sampling of the in-training samples "
+                      "(as pipelines.generate's --strategy).")
+    flags.DEFINE_integer("sample_top_k", _T.sample_top_k, "k of top-k in-training samples.")
+    flags.DEFINE_float("sample_top_p", _T.sample_top_p, "p of top-p in-training samples.")
+    flags.DEFINE_float("sample_temperature", _T.sample_temperature, "Temperature of the in-training samples.")
+    flags.DEFINE_integer("sample_seed", _T.sample_seed, "Seed of the in-training samples (the same for every sample).")
+    flags.DEFINE_string("profile_steps", _T.profile_steps, "A,B: trace steps A to B with the TF profiler into "
+                        "<model_dir>/tb/profile-rank<R> (TensorBoard's Profile tab).")
+    flags.DEFINE_integer("profile_rank", _T.profile_rank, "The rank whose steps --profile_steps traces.")
     flags.DEFINE_bool("verify_data", _T.verify_data, "Check every shard's sha256 against the manifest at start.")
     flags.DEFINE_integer("shuffle_buffer", _T.shuffle_buffer,
                          "Windows in the shuffle buffer (0: all of this rank's windows, up to 256 MiB).")
@@ -230,7 +239,8 @@ def config_from_flags() -> Config:
     train = TrainConfig(**{name: getattr(FLAGS, name) for name in (
         "model_dir", "batch_size", "grad_accum_steps", "parallel_slices", "train_steps", "precision", "jit_compile",
         "fp16_allreduce", "allreduce_buckets", "seed", "log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints", "sample_every",
-        "sample_prompt", "sample_tokens", "verify_data", "shuffle_buffer", "stop_after", "init_preset", "elastic",
+        "sample_prompt", "sample_tokens", "sample_strategy", "sample_top_k", "sample_top_p", "sample_temperature",
+        "sample_seed", "profile_steps", "profile_rank", "verify_data", "shuffle_buffer", "stop_after", "init_preset", "elastic",
         "elastic_commit_every", "elastic_global_batch", "sample_log")})
     data = data_config_from_flags()
     model = model_config_from_flags()

@@ -29,17 +29,26 @@ class SamplingConfig:
     seed: int | None = None
     stop_at_eod: bool = True
 
-    def validate(self) -> None:
+    def validate(self, flag_prefix: str = "") -> None:
+        """`flag_prefix`: how the flags are named where this config came from ('sample_' in pretraining)."""
+        f = "--" + flag_prefix
         if self.strategy not in STRATEGIES:
-            raise ConfigError(f"--strategy={self.strategy!r}: expected one of {', '.join(STRATEGIES)}")
+            raise ConfigError(f"{f}strategy={self.strategy!r}: expected one of {', '.join(STRATEGIES)}")
         if self.max_new_tokens <= 0:
             raise ConfigError(f"--max_new_tokens={self.max_new_tokens}: must be positive")
         if self.temperature <= 0:
-            raise ConfigError(f"--temperature={self.temperature}: must be positive")
+            raise ConfigError(f"{f}temperature={self.temperature}: must be positive")
         if self.strategy == "top_k" and self.top_k < 1:
-            raise ConfigError(f"--top_k={self.top_k}: must be at least 1")
+            raise ConfigError(f"{f}top_k={self.top_k}: must be at least 1")
         if self.strategy == "top_p" and not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top_p={self.top_p}: must be in (0, 1]")
+            raise ConfigError(f"{f}top_p={self.top_p}: must be in (0, 1]")
+
+    def describe(self) -> str:
+        """'top_k (k=10, temperature 0.8, seed 0)': how a sample was drawn, for its readers."""
+        if self.strategy == "greedy":
+            return "greedy"
+        knob = {"top_k": f"k={self.top_k}, ", "top_p": f"p={self.top_p}, "}.get(self.strategy, "")
+        return f"{self.strategy} ({knob}temperature {self.temperature}, seed {self.seed})"
 
 
 def make_sampler(cfg: SamplingConfig):

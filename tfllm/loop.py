@@ -161,6 +161,7 @@ class TrainLoop:
         self.start_step = 0
         self.losses: list[float] = []
         self.stop_on_signal = True  # elastic mode lets a signalled worker leave instead
+        self.profiler = None  # a tfllm.profiler.StepProfiler, when steps are to be traced
 
     @property
     def variables(self) -> list:
@@ -186,10 +187,14 @@ class TrainLoop:
         return self.checkpoints.save(step, self.variables, meta, val_loss)
 
     def step(self, stop_requested: bool = False) -> dict:
+        if self.profiler is not None:
+            self.profiler.before(self.state.step + 1)
         started = time.perf_counter()
         batches = self.task.batches(self.state)
         metrics = {k: float(v) for k, v in self.task.train_step(self.state.step)(batches, stop_requested).items()}
         self.state.step += 1
+        if self.profiler is not None:
+            self.profiler.after(self.state.step)
         if not math.isfinite(metrics["loss"]):
             raise TrainingError(f"non-finite loss ({metrics['loss']}) at step {self.state.step}; "
                                 f"the last good checkpoint is {self.checkpoints.latest() or 'none'}")

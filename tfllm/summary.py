@@ -48,6 +48,11 @@ def device_peak_flops() -> tuple[str, float | None]:
     return name, None
 
 
+def _fenced(text: str) -> str:
+    """A Markdown code block, so that indentation and newlines of samples survive rendering."""
+    return "```\n" + text.replace("```", "'''") + "\n```"
+
+
 class SummaryWriter:
     """TensorBoard events, written by rank 0 (read at each write: elastic mode may move rank 0)."""
 
@@ -76,8 +81,14 @@ class SummaryWriter:
         if not self.enabled:
             return
         with self._writer(split).as_default(step=step):
-            # Markdown code block so indentation and newlines of samples survive rendering.
-            tf.summary.text(name, "```\n" + text.replace("```", "'''") + "\n```")
+            tf.summary.text(name, _fenced(text))
+
+    def sample(self, split: str, step: int, name: str, prompt: str, continuation: str, how: str) -> None:
+        """A generated sample: the prompt and the model's continuation as separate, labelled blocks."""
+        if not self.enabled:
+            return
+        with self._writer(split).as_default(step=step):
+            tf.summary.text(name, f"**prompt**\n\n{_fenced(prompt)}\n\n**continuation**, {how}\n\n{_fenced(continuation)}")
 
     def image(self, split: str, step: int, name: str, png: bytes) -> None:
         if not self.enabled:

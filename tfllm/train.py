@@ -8,10 +8,12 @@ alone writes config.json, checkpoints, TensorBoard events and samples.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
 import socket
+import time
 
 import keras
 import tensorflow as tf
@@ -28,6 +30,7 @@ from tfllm.generate import SamplingConfig, generate_text
 from tfllm.loop import LoopState, MetricsLog, Task, TrainLoop, current_lr
 from tfllm.malloc import active_allocator
 from tfllm.models import build_causal_lm, count_params, flops_per_token, lm_chain, perplexity
+from tfllm.profiler import StepProfiler
 from tfllm.restore import CONFIG_FILE, TOKENIZER_DIR
 from tfllm.step import TrainStep, sync_state
 from tfllm.summary import device_peak_flops
@@ -178,6 +181,14 @@ class GlobalBatches:
         return tf.constant(self.order.read(ids.ravel()).reshape(self.micro_batches, self.batch_size, -1))
 
 
+def sampling_config(t) -> SamplingConfig:
+    """The in-training samples' settings (--sample_*), checked before anything runs."""
+    cfg = SamplingConfig(strategy=t.sample_strategy, max_new_tokens=t.sample_tokens, temperature=t.sample_temperature,
+                         top_k=t.sample_top_k, top_p=t.sample_top_p, seed=t.sample_seed)
+    cfg.validate(flag_prefix="sample_")
+    return cfg
+
+
 class LanguageModelTask(Task):
     """Pretraining: next-token loss over prepared windows, validation, greedy samples, checkpoints."""
 
@@ -186,6 +197,8 @@ class LanguageModelTask(Task):
         self.val_ds, self.writer, self.say = val_ds, writer, say
         self.tokenizer = None  # loaded by whichever process samples (rank 0, which elastic mode may move)
         self.eval_fn = make_eval_fn(step_fn.model, cfg.train.jit_compile)
+        self.sampling = sampling_config(cfg.train)
+        self.started = time.time()
 
     def batches(self, state):
         return self.source(state)
@@ -213,8 +226,15 @@ class LanguageModelTask(Task):
         self.say(f"step {step}: val_loss {m['loss']:.4f} | val_ppl {m['perplexity']:.2f} | {m['tokens']:,} tokens")
         return m
 
+    def _record_validation(self, scores: dict, step: int, m: dict | None) -> None:
+        if m is None:
+            return
+        scores["val_loss"] = m["loss"]
+        if m["loss"] < scores.get("best_val_loss", float("inf")):
+            scores["best_val_loss"], scores["best_val_step"] = m["loss"], step
+
     def sample(self, step: int) -> str | None:
-        """Rank 0 decodes greedily from --sample_prompt into TensorBoard's text tab."""
+        """Rank 0 samples from --sample_prompt (--sample_strategy...) into TensorBoard's text tab."""
         if not distributed.world().is_chief or not self.tcfg.sample_prompt:
             return None
         if self.tokenizer is None:
@@ -224,9 +244,9 @@ class LanguageModelTask(Task):
         if budget < 1:
             self.say(f"warning: --sample_prompt fills the {context}-token context; no sample")
             return None
-        text = generate_text(self.step_fn.model, self.tokenizer, [self.tcfg.sample_prompt],
-                             SamplingConfig("greedy", max_new_tokens=budget))[0]
-        self.writer.text("train", step, "sample", self.tcfg.sample_prompt + text)
+        sampling = dataclasses.replace(self.sampling, max_new_tokens=budget)
+        text = generate_text(self.step_fn.model, self.tokenizer, [self.tcfg.sample_prompt], sampling)[0]
+        self.writer.sample("train", step, "sample", self.tcfg.sample_prompt, text, sampling.describe())
         return self.tcfg.sample_prompt + text
 
     def between_steps(self, loop, metrics):
@@ -234,8 +254,7 @@ class LanguageModelTask(Task):
         val = None
         if t.eval_every and step % t.eval_every == 0 and step < t.train_steps:
             val = self.validate(step)
-            if val:
-                loop.state.scores["val_loss"] = val["loss"]
+            self._record_validation(loop.state.scores, step, val)
         if t.sample_every and step % t.sample_every == 0 and step < t.train_steps:
             self.sample(step)
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.train_steps:
@@ -251,18 +270,31 @@ class LanguageModelTask(Task):
                      f"checkpoint: {path}")
             return {**result, "val_loss": state.scores.get("val_loss"), "tokens_per_sec": loop.log.run_rate(),
                     "checkpoint": path}
-        final_val = self.validate(step)
-        if final_val:
-            state.scores["val_loss"] = final_val["loss"]
+        self._record_validation(state.scores, step, self.validate(step))
         last = loop.checkpoints.latest()
         path = loop.save(state.scores.get("val_loss")) if step > loop.start_step or not last else last
         text = self.sample(step)
         self.writer.flush()
         if text is not None:
-            self.say(f"sample at step {step}:\n{text}")
-        self.say(f"checkpoint: {path}\nTensorBoard: {os.path.join(self.tcfg.model_dir, 'tb')}")
+            self.say(f"sample at step {step}, {self.sampling.describe()}:\n{text}")
+        self.say(self.summary(loop, path))
         return {**result, "val_loss": state.scores.get("val_loss"), "tokens_per_sec": loop.log.run_rate(),
                 "checkpoint": path}
+
+    def summary(self, loop, checkpoint: str) -> str:
+        """The end-of-run block: what was trained, how fast, how well, and where it all is."""
+        state, model_dir = loop.state, self.tcfg.model_dir
+        best = state.scores.get("best_val_loss")
+        rows = [("steps", f"{state.step} ({state.step - loop.start_step} in this run)"),
+                ("tokens seen", f"{int(state.tokens_seen):,}"),
+                ("wall time", f"{loop.log.run_time:.1f} s of steps, {time.time() - self.started:.1f} s in all"),
+                ("throughput", f"{loop.log.run_rate():,.0f} tokens/s"),
+                ("best val loss", f"{best:.4f} at step {state.scores['best_val_step']}" if best is not None else "none"),
+                ("checkpoint", checkpoint),
+                ("TensorBoard", f"tensorboard --logdir {os.path.join(model_dir, 'tb')}"),
+                ("export", f"python -m pipelines.export --model_dir={model_dir} --output_dir=EXPORT_DIR")]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(["-" * 60, "run summary"] + [f"  {k:<{width}}  {v}" for k, v in rows] + ["-" * 60])
 
 
 def _write_model_dir(cfg: Config) -> None:
@@ -282,6 +314,7 @@ def pretrain(cfg: Config, log=print) -> dict:
         cfg.data.data_dir = os.path.join(tcfg.model_dir, "data")
     cfg.data.data_dir = os.path.abspath(cfg.data.data_dir)
     cfg.validate()
+    sampling_config(tcfg)
     # Elastic mode runs no collective before the ring forms (joiners would deadlock): each
     # worker checks for itself, and rank 0's state reaches the others in the first sync.
     agree = (lambda fn: fn()) if tcfg.elastic else _agree
@@ -350,6 +383,10 @@ def pretrain(cfg: Config, log=print) -> dict:
     else:
         batches = StreamBatches(train_ds, tcfg, start)
     loop.task = LanguageModelTask(cfg, step_fn, batches, val_ds, metrics_log.writer, say)
+    if tcfg.profile_steps:
+        if tcfg.profile_rank >= world.size:
+            raise ConfigError(f"--profile_rank={tcfg.profile_rank}: the world has ranks 0-{world.size - 1}")
+        loop.profiler = StepProfiler(tcfg.profile_range(), tcfg.model_dir, world.rank, tcfg.profile_rank, log)
     end = min(tcfg.train_steps, start + tcfg.stop_after) if tcfg.stop_after else tcfg.train_steps
     try:
         if tcfg.elastic:

@@ -1,6 +1,7 @@
 """Pretraining with 2 real ranks: both launchers, resume, and a rank killed with SIGKILL."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,11 @@ def test_gloo_two_ranks_end_to_end(data_dir):
     model_dir, proc = pytest.gloo_run
     assert "world 2 (gloo: " in proc.stdout
     assert proc.stdout.count("val_loss=") == 1  # rank 0 alone reports
+    # Every line once, from rank 0, and none of TensorFlow's C++ start-up notices from any rank.
+    # (horovodrun's own build check imports TensorFlow in a subprocess of the launcher: its notices
+    # reach the launcher's stderr, outside tfllm.)
+    assert all(line.startswith("[0]<") for line in proc.stdout.splitlines() if line.strip()), proc.stdout[-3000:]
+    assert not re.search(r"^\[\d\]<std\w+>:([IWEF]0000 |.*absl::InitializeLog|.*cuda|.*CUDA)", proc.stdout, re.M)
     assert sorted(os.listdir(model_dir / "checkpoints")) == ["ckpt-00000005", "ckpt-00000010", "index.json"]
     tags = event_tags(model_dir / "tb")
     assert {"loss", "learning_rate", "grad_norm", "perf/tokens_per_sec", "sample"} <= tags["train"]

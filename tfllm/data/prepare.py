@@ -233,7 +233,7 @@ def _assemble(cfg, out_dir, files, limits, tokenizer, tokenizer_files, store, pa
     documents = skipped = 0
     total_chars = 0
     if cfg.split == "tail" or cfg.max_corpus_bytes:
-        counter = Assembler([None, None], "document", 0.0, 0, cfg.max_corpus_bytes)
+        counter = Assembler([None, None], "tail", 0.0, 0, cfg.max_corpus_bytes)  # counts, hashes nothing
         for _, _, part in walk():
             counter.labels(part["chars"], part["last"])
         total_chars = counter.chars

@@ -1,0 +1,44 @@
+import re
+
+import pytest
+
+from conftest import run
+from tfllm import console
+
+CPP_NOISE = re.compile(r"^[IWE]0000 |absl::InitializeLog|cuda|CUDA", re.M)
+
+LINES = {
+    b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n": (False, False),
+    b"I0000 00:00:1795474702.914807   16699 port.cc:153] oneDNN custom operations are on.\n": (False, False),
+    b"W0000 00:00:1795474702.9   16699 gpu_device.cc:2] Cannot dlopen some GPU libraries.\n": (False, False),
+    b"E0000 00:00:1795474708.522457   16699 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)\n":
+        (False, True),
+    b"2025-09-17 14:44:05.157831: I external/local_xla/xla/tsl/cuda/cudart_stub.cc:32] Could not find cuda\n":
+        (False, False),
+    b"E0000 00:00:1795474708.5   16699 op_kernel.cc:1] OP_REQUIRES failed: INVALID_ARGUMENT: bad shape\n": (True, True),
+    b"F0000 00:00:1795474708.5   16699 cuda_driver.cc:1] Check failed: CUDA context\n": (True, True),
+    b"To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow with the appropriate "
+    b"compiler flags.\n": (False, False),
+    b"error: /data: no such file or directory\n": (True, True),
+    b"Traceback (most recent call last):\n": (True, True),
+    b"WARNING:tensorflow:5 out of the last 5 calls to <function> triggered tf.function retracing.\n": (True, True),
+}
+
+
+@pytest.mark.parametrize("line", sorted(LINES))
+def test_what_reaches_the_console(line):
+    without_gpu, with_gpu = LINES[line]
+    assert console.keep(line, gpu=False) == without_gpu
+    assert console.keep(line, gpu=True) == with_gpu
+
+
+def test_a_pipeline_prints_its_own_lines_and_tf_logs_brings_tensorflows_back(tmp_path):
+    args = ["-m", "pipelines.prepare_data", f"--corpus={tmp_path / 'absent'}", f"--data_dir={tmp_path / 'd'}"]
+    quiet = run(args, check=False, TF_CPP_MIN_LOG_LEVEL="0")
+    assert quiet.returncode == 1
+    assert quiet.stderr.splitlines() == [f"error: {tmp_path / 'absent'}: no such file or directory"], quiet.stderr
+    assert not CPP_NOISE.search(quiet.stdout)
+    loud = run(args + ["--tf_logs"], check=False)
+    assert loud.returncode == 1 and CPP_NOISE.search(loud.stderr) and loud.stderr.rstrip().endswith("directory")
+    env = run(args, check=False, TFLLM_TF_LOGS="1")
+    assert CPP_NOISE.search(env.stderr)

@@ -1,0 +1,108 @@
+"""A pipeline's console: tfllm's own lines, not TensorFlow's C++ start-up chatter.
+
+TensorFlow 2.21 logs through absl's C++ logging, which writes to stderr before anything can
+configure it and ignores TF_CPP_MIN_LOG_LEVEL for its import-time lines: on a CPU machine every
+rank printed a notice about absl::InitializeLog, oneDNN, the CPU features, missing CUDA drivers
+and an `E0000 ... failed call to cuInit` that reads like a failure. So before TensorFlow loads,
+the process' stderr (fd 2) becomes a pipe that a thread copies to the real stderr, leaving out:
+
+- C++ log lines (`I0000 ...`, `W0000 ...` and the older `2026-... I tensorflow/...` form) of
+  severity info and warning, and absl's "before InitializeLog" notice;
+- on a machine with no NVIDIA device, error lines about CUDA, cuDNN, cuFFT and cuBLAS, since
+  nothing there can use them.
+
+Errors, fatal messages, tracebacks, Python warnings and everything tfllm prints pass through.
+`--tf_logs` on the command line or TFLLM_TF_LOGS=1 leaves stderr untouched. A C++ fatal error
+that aborts the process at once may lose its last line to the pipe: rerun with --tf_logs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import os
+import re
+import sys
+import threading
+
+ENV = "TFLLM_TF_LOGS"
+_CPP_LINE = re.compile(rb"^(?:([IWEF])\d{4} [\d:.]+\s+\d+ [^\]]*\]"
+                       rb"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: ([IWEF]) [^\]]*\])")
+_ABSL_NOTICE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+# The second line of the CPU-feature notice, which has no log prefix of its own.
+_CONTINUATION = re.compile(rb"^To enable the following instructions: .* rebuild TensorFlow with the appropriate "
+                           rb"compiler flags\.$")
+_CUDA = re.compile(rb"cuInit|CUDA|cuda|cuDNN|cuFFT|cuBLAS|GPU will not be used")
+_state: dict = {}
+
+
+def has_nvidia_device() -> bool:
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/nvidiactl")
+
+
+def keep(line: bytes, gpu: bool) -> bool:
+    """Whether a line written to stderr reaches the console."""
+    bare = line.rstrip(b"\r\n")
+    if bare == _ABSL_NOTICE or _CONTINUATION.match(bare):
+        return False
+    match = _CPP_LINE.match(line)
+    if not match:
+        return True
+    severity = match.group(1) or match.group(2)
+    if severity in (b"I", b"W"):
+        return False
+    return gpu or severity == b"F" or not _CUDA.search(line)
+
+
+def _copy(read_fd: int, real_fd: int, gpu: bool) -> None:
+    pending = b""
+    while True:
+        try:
+            data = os.read(read_fd, 1 << 16)
+        except OSError:
+            data = b""
+        if not data:
+            break
+        lines = (pending + data).split(b"\n")
+        pending = lines.pop()
+        out = b"".join(line + b"\n" for line in lines if keep(line + b"\n", gpu))
+        if out:
+            os.write(real_fd, out)
+    if pending and keep(pending, gpu):
+        os.write(real_fd, pending)
+    os.close(read_fd)
+
+
+def quiet_tensorflow(argv: list[str] | None = None) -> None:
+    """Filters fd 2 from now on (call before TensorFlow loads); idempotent."""
+    argv = sys.argv if argv is None else argv
+    # Read here, before absl parses flags (TensorFlow loads first), and taken out of argv for it.
+    for arg in [a for a in argv if a in ("--tf_logs", "--tf_logs=true", "--tf_logs=1")]:
+        argv.remove(arg)
+        os.environ[ENV] = "1"  # child processes see the choice too
+    if os.environ.get(ENV) == "1" or _state:
+        return
+    sys.stderr.flush()
+    real = os.dup(2)
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    thread = threading.Thread(target=_copy, args=(read_fd, real, has_nvidia_device()), daemon=True,
+                              name="tfllm-console")
+    thread.start()
+    _state.update(real=real, thread=thread)
+    atexit.register(restore)
+
+
+def restore() -> None:
+    """Puts the real stderr back and lets the copier write out what it still holds."""
+    if not _state:
+        return
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os.dup2(_state["real"], 2)  # the pipe's last writer closes: the copier reads to its end and stops
+    _state["thread"].join(timeout=5)
+    os.close(_state.pop("real"))
+    _state.clear()
