@@ -37,6 +37,11 @@ class FileRange:
     hi: int
     upto: int | None = None  # last block needed (--max_corpus_bytes), None: all
 
+    @property
+    def stored_bytes(self) -> int:
+        """How much of the file, as stored, this range covers (progress is measured against it)."""
+        return min(os.path.getsize(self.path), self.hi) - max(self.lo, 0)
+
 
 def rank_ranges(files: list[str], limits: dict[str, int], rank: int, size: int) -> list[FileRange]:
     """This rank's share: contiguous stored bytes of the corpus, cut at the same places on every rank."""
@@ -151,7 +156,7 @@ def tokenize(ranges: list[FileRange], tokenizer, parser: Parser, store: PartStor
                 else:
                     work.put((r.path, block))
                 progress.at(done_before + block.pos - max(r.lo, 0))
-            done_before += min(os.path.getsize(r.path), r.hi) - max(r.lo, 0)
+            done_before += r.stored_bytes
     finally:
         for _ in threads:
             work.put(None)

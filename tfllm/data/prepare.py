@@ -195,7 +195,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print, world=None) -> dict:
                                         "jsonl_field": cfg.jsonl_field, "parquet_column": cfg.parquet_column,
                                         "on_decode_error": cfg.on_decode_error, "block": formats.BLOCK_BYTES})
     ranges = parts.rank_ranges(files, limits, world.rank, world.size)
-    progress = parts.Progress(sum(min(os.path.getsize(r.path), r.hi) - max(r.lo, 0) for r in ranges), say,
+    progress = parts.Progress(sum(r.stored_bytes for r in ranges), say,
                               "rank 0's share: " if world.size > 1 else "")
     try:
         stats = _collective(world, lambda: parts.tokenize(ranges, tokenizer, parser, store, dtype, workers, progress))
