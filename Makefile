@@ -21,7 +21,8 @@ DEMO_STEPS ?= 1500
 demo: install
 	horovodrun -np $(NP) -H localhost:$(NP) --gloo $(PY) -m pipelines.pretrain \
 	  --flagfile=flags/tiny.cfg --model_dir=$(RUN_DIR)/model --data_dir=$(RUN_DIR)/data \
-	  --train_steps=$(DEMO_STEPS) --eval_every=500 --checkpoint_every=500 --log_every=100
+	  --train_steps=$(DEMO_STEPS) --eval_every=500 --checkpoint_every=500 --log_every=100 \
+	  2> >($(PY) -m tfllm.console >&2)
 	$(PY) -m pipelines.generate --model_dir=$(RUN_DIR)/model --prompt="def " --max_new_tokens=120 \
 	  --strategy=top_k --top_k=10 --temperature=0.8 --sampling_seed=0
 	@echo "Open TensorBoard: $(VENV)/bin/tensorboard --logdir $(RUN_DIR)/model/tb --port 6006, then http://localhost:6006"

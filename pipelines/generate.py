@@ -15,20 +15,20 @@ from absl import flags
 
 from tfllm import cli, distributed
 from tfllm.config import ConfigError
-from tfllm.flags import define_sampling_flags, sampling_config_from_flags
+from tfllm.flags import define_sampling_flags, sampling_config_from_flags, unquote
 from tfllm.generate import generate_text
 from tfllm.restore import load_trained_model
 
 define_sampling_flags()
 flags.DEFINE_string("model_dir", "", "Model dir written by pipelines.pretrain.")
 flags.DEFINE_string("checkpoint", "latest", "latest, best, a step number or a checkpoint directory.")
-flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for a batch).")
+flags.DEFINE_multi_string("prompt", [], 'A prompt (repeat the flag for a batch); in a flagfile, "quoted" keeps edge spaces.')
 flags.DEFINE_string("prompts_file", "", "A file with one prompt per line.")
 FLAGS = flags.FLAGS
 
 
 def read_prompts() -> list[str]:
-    prompts = list(FLAGS.prompt)
+    prompts = [unquote(p) for p in FLAGS.prompt]
     if FLAGS.prompts_file:
         try:
             with open(FLAGS.prompts_file, encoding="utf-8") as f:

@@ -42,3 +42,18 @@ def test_a_pipeline_prints_its_own_lines_and_tf_logs_brings_tensorflows_back(tmp
     assert loud.returncode == 1 and CPP_NOISE.search(loud.stderr) and loud.stderr.rstrip().endswith("directory")
     env = run(args, check=False, TFLLM_TF_LOGS="1")
     assert CPP_NOISE.search(env.stderr)
+
+
+@pytest.mark.parametrize("tf_logs", ["0", "1"])
+def test_a_launchers_stderr_through_the_filter(tf_logs):
+    """What `make demo` does with horovodrun's stderr, whose build check imports TensorFlow."""
+    import subprocess
+
+    from conftest import BIN, subprocess_env
+
+    script = ("import sys, tensorflow as tf; tf.config.list_physical_devices(); "
+              "print('error: from the launcher', file=sys.stderr)")
+    proc = subprocess.run(["bash", "-c", f'"{BIN}/python" -c "{script}" 2> >("{BIN}/python" -m tfllm.console >&2); wait'],
+                          capture_output=True, text=True, timeout=120, env={**subprocess_env(), "TFLLM_TF_LOGS": tf_logs})
+    assert proc.returncode == 0 and "error: from the launcher" in proc.stderr
+    assert bool(CPP_NOISE.search(proc.stderr)) == (tf_logs == "1"), proc.stderr

@@ -124,7 +124,7 @@ def test_round_trip_pretrain_finetune_predict_export(trained_model_dir, sst2_sli
     from tensorboard.backend.event_processing import event_accumulator
     acc = event_accumulator.EventAccumulator(str(model_dir / "tb" / "validation"), size_guidance={"tensors": 0})
     acc.Reload()
-    assert {"accuracy", "loss", "confusion_matrix"} <= set(acc.Tags()["tensors"])
+    assert {"metrics/accuracy", "loss", "confusion_matrix"} <= set(acc.Tags()["tensors"])
 
     texts = "a gorgeous , witty , seductive movie .\nthe acting is terrible and the plot is worse\n"
     pred = run(["-m", "pipelines.finetune", "--mode=predict", f"--model_dir={model_dir}"], input_text=texts)

@@ -1,8 +1,10 @@
 """TensorBoard, as an operator opens it: a real `tensorboard` server over a tiny run's logs, read
 through the same HTTP data API its dashboards use."""
 
+import contextlib
 import gzip
 import json
+import re
 import socket
 import subprocess
 import time
@@ -12,6 +14,7 @@ import urllib.request
 import pytest
 
 from conftest import BIN, run, subprocess_env
+from finetune_helpers import finetune_args
 from pretrain_helpers import pretrain
 
 pytestmark = pytest.mark.slow
@@ -36,25 +39,24 @@ def run_dir(trained):
     return trained[0]
 
 
-@pytest.fixture(scope="module")
-def board(run_dir):
-    """A tensorboard server on a loopback port; stopped (by its PID) whatever the tests do."""
+@contextlib.contextmanager
+def tensorboard(log_dir, ready):
+    """A tensorboard server on a loopback port, up once `ready(base)` holds; stopped (by its PID)
+    whatever the tests do."""
     port = free_port()
-    proc = subprocess.Popen([str(BIN / "tensorboard"), f"--logdir={run_dir / 'tb'}", "--host=127.0.0.1",
-                             f"--port={port}"], env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([str(BIN / "tensorboard"), f"--logdir={log_dir}", "--host=127.0.0.1", f"--port={port}"],
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
         while True:  # the first load of the logs happens in the background
             try:
-                tags = get(base, "data/plugin/scalars/tags")
-                if "loss" in tags.get("train", {}) and "loss" in tags.get("validation", {}):
+                if ready(base):
                     break
             except OSError:
                 pass
             if time.time() > deadline or proc.poll() is not None:
-                raise AssertionError(f"tensorboard did not serve the run's scalars within 90 s (exit {proc.poll()})")
+                raise AssertionError(f"tensorboard did not serve {log_dir} within 90 s (exit {proc.poll()})")
             time.sleep(0.5)
         yield base
     finally:
@@ -66,20 +68,33 @@ def board(run_dir):
             proc.wait()
 
 
-def get(base: str, path: str, body: dict | None = None):
+@pytest.fixture(scope="module")
+def board(run_dir):
+    def ready(base):
+        tags = get(base, "data/plugin/scalars/tags")
+        return "loss" in tags.get("train", {}) and "loss" in tags.get("validation", {})
+    with tensorboard(run_dir / "tb", ready) as base:
+        yield base
+
+
+def fetch(base: str, path: str, body: dict | None = None) -> bytes:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(f"{base}/{path}", data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as response:
         body = response.read()
         if response.headers.get("Content-Encoding") == "gzip":  # the profile plugin compresses
             body = gzip.decompress(body)
-        return json.loads(body)
+        return body
+
+
+def get(base: str, path: str, body: dict | None = None):
+    return json.loads(fetch(base, path, body))
 
 
 def test_scalars_match_metrics_jsonl(board, run_dir):
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [5, 10, 15, 20]
-    for tag in ("loss", "learning_rate", "grad_norm", "perf/tokens_per_sec"):
+    for tag in ("loss", "optimizer/learning_rate", "optimizer/grad_norm", "perf/tokens_per_sec"):
         points = get(board, f"data/plugin/scalars/scalars?run=train&tag={urllib.parse.quote(tag)}")
         key = tag.split("/")[-1]
         assert [p[1] for p in points] == [r["step"] for r in logged], tag
@@ -87,6 +102,14 @@ def test_scalars_match_metrics_jsonl(board, run_dir):
     val = get(board, "data/plugin/scalars/scalars?run=validation&tag=loss")
     assert [p[1] for p in val] == [10, 20] and all(p[2] > 0 for p in val)
     assert set(get(board, "data/runs")) >= {"train", "validation"}
+
+
+def test_the_loss_group_comes_first_and_the_rest_group_by_kind(board):
+    """TensorBoard sorts its card groups (a tag's first path component) by name."""
+    tags = get(board, "data/plugin/scalars/tags")
+    groups = sorted({t.split("/")[0] for run in ("train", "validation") for t in tags[run]})
+    assert groups == ["loss", "metrics", "optimizer", "perf", "progress"], groups
+    assert {"loss", "metrics/perplexity", "metrics/accuracy"} == set(tags["validation"])
 
 
 def test_text_tab_shows_prompt_and_sample_apart(board):
@@ -100,8 +123,9 @@ def test_text_tab_shows_prompt_and_sample_apart(board):
 
 def test_hparams_lists_the_run(board):
     experiment = get(board, "data/plugin/hparams/experiment", {"experimentName": ""})
-    names = {h["name"] for h in experiment["hparamInfos"]}
-    assert {"learning_rate", "batch_size", "model.family"} <= names
+    assert {"learning_rate", "batch_size", "model.family"} <= {h["name"] for h in experiment["hparamInfos"]}
+    metrics = {(m["name"]["group"], m["name"]["tag"]) for m in experiment["metricInfos"]}
+    assert metrics == {("validation", "loss"), ("train", "loss")}
     groups = get(board, "data/plugin/hparams/session_groups",
                  {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE",
                                                             "STATUS_RUNNING"],
@@ -168,3 +192,39 @@ def test_scalars_dashboard_draws_the_loss_chart_in_chromium(board, tmp_path_fact
         return int((np.abs(chart - np.array(colour)).sum(axis=-1) < 30).sum())
     # both runs' loss lines are drawn in the chart
     assert count(TRAIN_BLUE) > 50 and count(VALIDATION_RED) > 10, (count(TRAIN_BLUE), count(VALIDATION_RED), shot)
+
+
+@pytest.fixture(scope="module")
+def finetuned(run_dir, sst2_slice, tmp_path_factory):
+    """The tiny pretrained run, fine-tuned on an SST-2 slice for 20 steps (validation at 10 and 20)."""
+    clf_dir = tmp_path_factory.mktemp("tb-finetune") / "clf"
+    proc = run(finetune_args(run_dir, clf_dir, sst2_slice))
+    return clf_dir, proc
+
+
+@pytest.fixture(scope="module")
+def finetune_board(finetuned):
+    def ready(base):
+        return "confusion_matrix" in get(base, "data/plugin/images/tags").get("validation", {})
+    with tensorboard(finetuned[0] / "tb", ready) as base:
+        yield base
+
+
+def test_finetuning_shows_accuracy_and_a_readable_confusion_matrix(finetuned, finetune_board):
+    import numpy as np
+    import tensorflow as tf
+
+    said = re.findall(r"^validation step (\d+): accuracy=([\d.]+)", finetuned[1].stdout, re.M)
+    points = get(finetune_board, "data/plugin/scalars/scalars?run=validation&tag=metrics%2Faccuracy")
+    assert [(str(p[1]), f"{p[2]:.4f}") for p in points] == said and len(said) == 2
+    images = get(finetune_board, "data/plugin/images/images?run=validation&tag=confusion_matrix&sample=0")
+    assert [i["step"] for i in images] == [10, 20]
+    png = fetch(finetune_board, f"data/plugin/images/individualImage?{images[-1]['query']}")
+    pixels = tf.io.decode_png(png, channels=3).numpy()
+    assert pixels.shape[0] >= 200 and pixels.shape[1] >= 200, pixels.shape
+    cells = len(np.unique(pixels.reshape(-1, 3), axis=0))
+    assert cells > 20  # drawn: cell shades, digits and labels, not a blank image
+    experiment = get(finetune_board, "data/plugin/hparams/experiment", {"experimentName": ""})
+    assert {"init", "pooling", "learning_rate", "classes"} <= {h["name"] for h in experiment["hparamInfos"]}
+    metrics = {(m["name"]["group"], m["name"]["tag"]) for m in experiment["metricInfos"]}
+    assert metrics == {("validation", "metrics/accuracy"), ("validation", "loss"), ("train", "loss")}

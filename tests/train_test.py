@@ -47,11 +47,13 @@ def test_end_to_end_writes_checkpoints_events_config_and_summary_lines(data_dir)
     assert index["latest"] == "ckpt-00000012" and index["best"]["name"] in ("ckpt-00000006", "ckpt-00000012")
     config = json.loads((model_dir / "config.json").read_text())
     assert config["model"]["vocab_size"] > 3 and config["train"]["train_steps"] == 12
+    assert config["train"]["sample_prompt"] == "def "  # quoted in flags/tiny.cfg, whose lines absl strips
     assert (model_dir / "tokenizer" / "tokenizer.json").exists()
     tags = event_tags(model_dir / "tb")
-    assert {"loss", "perplexity", "accuracy", "learning_rate", "grad_norm", "perf/tokens_per_sec",
-            "perf/step_time_ms", "perf/model_flops_per_sec", "sample"} <= tags["train"]
-    assert {"loss", "perplexity"} <= tags["validation"]
+    assert {"loss", "metrics/perplexity", "metrics/accuracy", "optimizer/learning_rate", "optimizer/grad_norm",
+            "progress/tokens_seen", "perf/tokens_per_sec", "perf/step_time_ms", "perf/model_flops_per_sec",
+            "sample"} <= tags["train"]
+    assert {"loss", "metrics/perplexity"} <= tags["validation"]
     assert len(logged_losses(model_dir)) == 12
 
 

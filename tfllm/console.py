@@ -106,3 +106,19 @@ def restore() -> None:
     _state["thread"].join(timeout=5)
     os.close(_state.pop("real"))
     _state.clear()
+
+
+def main() -> None:
+    """`horovodrun ... 2> >(python -m tfllm.console >&2)`: the same filter over a launcher's own
+    stderr. horovodrun imports TensorFlow in a subprocess to check its build before it starts any
+    rank, and those notices reach its stderr unfiltered; the ranks' lines are filtered already."""
+    gpu, everything = has_nvidia_device(), os.environ.get(ENV) == "1"
+    out = sys.stdout.buffer
+    for line in sys.stdin.buffer:
+        if everything or keep(line, gpu):
+            out.write(line)
+            out.flush()
+
+
+if __name__ == "__main__":
+    main()

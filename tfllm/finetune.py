@@ -215,6 +215,14 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     if latest:
         loop.restore(latest, rows.global_batch)
         say(f"resumed from {latest} (step {loop.state.step})")
+    else:
+        metrics_log.writer.hparams({"init": cfg.init, "pooling": cfg.pooling, "learning_rate": cfg.optimizer.learning_rate,
+                                    "batch_size": cfg.batch_size, "global_batch": rows.global_batch,
+                                    "max_length": cfg.max_length, "freeze_backbone_steps": cfg.freeze_backbone_steps,
+                                    "classes": len(classes), "world_size": world.size,
+                                    "model.family": pretrained_cfg.model.family,
+                                    "model.num_layers": pretrained_cfg.model.num_layers},
+                                   metrics=(("validation", "accuracy"), ("validation", "loss"), ("train", "loss")))
     sync_state(model, optimizer)
     say(f"fine-tuning {len(classes)} classes {classes}: {len(train_rows)} training, {len(val_rows)} validation "
         f"examples; init={cfg.init}; {world.size} rank(s) x batch {cfg.batch_size}")

@@ -102,7 +102,8 @@ def define_train_flags() -> None:
     flags.DEFINE_integer("checkpoint_every", _T.checkpoint_every, "Steps between checkpoints (0: only at the end).")
     flags.DEFINE_integer("keep_checkpoints", _T.keep_checkpoints, "Most recent checkpoints kept (the best is kept too).")
     flags.DEFINE_integer("sample_every", _T.sample_every, "Steps between text samples in TensorBoard (0: only at the end).")
-    flags.DEFINE_string("sample_prompt", _T.sample_prompt, "Prompt of the periodic samples.")
+    flags.DEFINE_string("sample_prompt", _T.sample_prompt, "Prompt of the periodic samples; in double quotes "
+                        '(--sample_prompt="def ") it keeps leading and trailing spaces in a flagfile.')
     flags.DEFINE_integer("sample_tokens", _T.sample_tokens, "Tokens per sample.")
     flags.DEFINE_enum("sample_strategy", _T.sample_strategy, STRATEGIES, "Sampling of the in-training samples "
                       "(as pipelines.generate's --strategy).")
@@ -234,6 +235,12 @@ def optimizer_config_from_flags() -> OptimizerConfig:
         clip_norm=FLAGS.clip_norm, scale_lr_with_world_size=FLAGS.scale_lr_with_world_size)
 
 
+def unquote(text: str) -> str:
+    """A prompt flag's text. absl strips every flagfile line, so a prompt that must begin or end
+    with a space is written in double quotes there; the quotes are not part of the prompt."""
+    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == '"' else text
+
+
 def config_from_flags() -> Config:
     optimizer = optimizer_config_from_flags()
     train = TrainConfig(**{name: getattr(FLAGS, name) for name in (
@@ -242,6 +249,7 @@ def config_from_flags() -> Config:
         "sample_prompt", "sample_tokens", "sample_strategy", "sample_top_k", "sample_top_p", "sample_temperature",
         "sample_seed", "profile_steps", "profile_rank", "verify_data", "shuffle_buffer", "stop_after", "init_preset", "elastic",
         "elastic_commit_every", "elastic_global_batch", "sample_log")})
+    train.sample_prompt = unquote(train.sample_prompt)
     data = data_config_from_flags()
     model = model_config_from_flags()
     if train.init_preset:

@@ -48,6 +48,21 @@ def device_peak_flops() -> tuple[str, float | None]:
     return name, None
 
 
+# TensorBoard groups a dashboard's cards by the first component of the tag and sorts the groups
+# by name; a bare tag is a group of its own. These names put the loss first, then the quality
+# metrics, the optimizer, throughput and progress, each group holding related charts.
+TAGS = {
+    "perplexity": "metrics/perplexity", "accuracy": "metrics/accuracy", "macro_f1": "metrics/macro_f1",
+    "learning_rate": "optimizer/learning_rate", "grad_norm": "optimizer/grad_norm",
+    "tokens_seen": "progress/tokens_seen",
+}
+
+
+def tag(name: str) -> str:
+    """The TensorBoard tag of a logged value (its key in metrics.jsonl is `name`)."""
+    return TAGS.get(name, name)
+
+
 def _fenced(text: str) -> str:
     """A Markdown code block, so that indentation and newlines of samples survive rendering."""
     return "```\n" + text.replace("```", "'''") + "\n```"
@@ -75,7 +90,7 @@ class SummaryWriter:
             return
         with self._writer(split).as_default(step=step):
             for name, value in values.items():
-                tf.summary.scalar(name, float(value))
+                tf.summary.scalar(tag(name), float(value))
 
     def text(self, split: str, step: int, name: str, text: str) -> None:
         if not self.enabled:
@@ -97,7 +112,13 @@ class SummaryWriter:
             tf.summary.image(name, tf.image.decode_png(png, channels=4)[tf.newaxis])
 
     def hparams(self, hparams: dict, metrics=(("validation", "loss"), ("train", "loss"))) -> None:
-        """Records the run's hyperparameters at the log root, with metrics from the split dirs."""
+        """Records the run's hyperparameters at the log root (the run TensorBoard lists as "."),
+        with the metrics to show from the split runs.
+
+        The experiment config is needed: TensorBoard infers metrics only from runs below a
+        session's run, and the root "." is never found as a parent. Its hyperparameters carry no
+        domain, so that TensorBoard over many runs' logs, which uses one run's config for all,
+        does not filter out the values of the others."""
         if not self.enabled:
             return
         from tensorboard.plugins.hparams import api as hp
@@ -105,7 +126,7 @@ class SummaryWriter:
         clean = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in hparams.items()}
         with self._writer("").as_default(step=0):
             hp.hparams_config(hparams=[hp.HParam(k) for k in clean],
-                              metrics=[hp.Metric(tag, group=split) for split, tag in metrics])
+                              metrics=[hp.Metric(tag(name), group=split) for split, name in metrics])
             hp.hparams(clean)
 
     def flush(self) -> None:

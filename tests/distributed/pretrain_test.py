@@ -36,8 +36,8 @@ def test_gloo_two_ranks_end_to_end(data_dir):
     assert not re.search(r"^\[\d\]<std\w+>:([IWEF]0000 |.*absl::InitializeLog|.*cuda|.*CUDA)", proc.stdout, re.M)
     assert sorted(os.listdir(model_dir / "checkpoints")) == ["ckpt-00000005", "ckpt-00000010", "index.json"]
     tags = event_tags(model_dir / "tb")
-    assert {"loss", "learning_rate", "grad_norm", "perf/tokens_per_sec", "sample"} <= tags["train"]
-    assert {"loss", "perplexity"} <= tags["validation"]
+    assert {"loss", "optimizer/learning_rate", "optimizer/grad_norm", "perf/tokens_per_sec", "sample"} <= tags["train"]
+    assert {"loss", "metrics/perplexity"} <= tags["validation"]
 
 
 def test_mpirun_two_ranks_matches_gloo(tmp_path, data_dir):
