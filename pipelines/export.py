@@ -9,21 +9,29 @@ Serving needs only TensorFlow and tensorflow-text:
     m = tf.saved_model.load("exports/tiny/saved_model")
     m.signatures["generate"](prompts=tf.constant(["def "]), max_new_tokens=tf.constant(64))["text"]
     m.signatures["score"](texts=tf.constant(["def f(x):"]))  # log_prob, tokens
+Quantized (int8 or int4 weights with per-channel scales; see tfllm/quantize.py), from a model dir
+or from a float export:
+    python -m pipelines.export --model_dir=runs/tiny --output_dir=exports/tiny-int8 --quantize=int8
+    python -m pipelines.export --model_dir=exports/tiny --output_dir=exports/tiny-int8 --quantize=int8
 `<output_dir>/preset` is a keras-hub preset (GPT-2 ones load with keras_hub.models.CausalLM.from_preset)
 that a new pretraining run can start from: python -m pipelines.pretrain ... --init_preset=exports/tiny/preset
 """
+
+import os
 
 from absl import flags
 
 from tfllm import cli, distributed
 from tfllm.config import ConfigError
 from tfllm.export import export
+from tfllm.quantize import check_mode, quantize, refuse_quantized, weight_bytes
 from tfllm.restore import load_trained_model
 
 flags.DEFINE_string("model_dir", "", "Model dir written by pipelines.pretrain.")
 flags.DEFINE_string("checkpoint", "latest", "latest, best, a step number or a checkpoint directory.")
 flags.DEFINE_string("output_dir", "", "Where to write saved_model/, model.keras, tokenizer/ and preset/.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --output_dir.")
+flags.DEFINE_string("quantize", "", "int8 or int4: quantize the weights (Keras post-training quantization).")
 FLAGS = flags.FLAGS
 
 
@@ -32,9 +40,21 @@ def main(argv):
         return
     if not FLAGS.output_dir:
         raise ConfigError("--output_dir is required")
+    if FLAGS.quantize:
+        check_mode(FLAGS.quantize)
+    if os.path.exists(FLAGS.output_dir) and not FLAGS.overwrite:
+        raise ConfigError(f"{os.path.abspath(FLAGS.output_dir)}: output path exists (pass --overwrite to replace it)")
     trained = load_trained_model(FLAGS.model_dir, FLAGS.checkpoint)
-    context = trained.config.model.max_sequence_length
-    out = export(trained.model, trained.tokenizer, context, FLAGS.output_dir, FLAGS.overwrite)
+    model, size = trained.model, weight_bytes(trained.model)
+    refuse_quantized(model, FLAGS.model_dir)
+    if FLAGS.quantize:
+        model = quantize(model, FLAGS.quantize, source=FLAGS.model_dir)
+        print(f"quantized to {FLAGS.quantize}: weights {size / 1e6:.2f} MB -> {weight_bytes(model) / 1e6:.2f} MB",
+              flush=True)
+    record = {"config": trained.config.to_dict(), "step": trained.step, "checkpoint": trained.checkpoint,
+              "source": os.path.abspath(FLAGS.model_dir)}
+    out = export(model, trained.tokenizer, trained.config.model.max_sequence_length, FLAGS.output_dir,
+                 FLAGS.overwrite, record)
     print(f"exported step {trained.step} ({trained.checkpoint}) to {out}", flush=True)
 
 

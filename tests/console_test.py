@@ -19,6 +19,8 @@ LINES = {
     b"F0000 00:00:1795474708.5   16699 cuda_driver.cc:1] Check failed: CUDA context\n": (True, True),
     b"To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow with the appropriate "
     b"compiler flags.\n": (False, False),
+    b"E0000 00:00:1795486099.462583   16369 util.cc:131] oneDNN supports DT_INT8 only on platforms with AVX-512. "
+    b"Falling back to the default Eigen-based implementation if present.\n": (False, False),
     b"error: /data: no such file or directory\n": (True, True),
     b"Traceback (most recent call last):\n": (True, True),
     b"WARNING:tensorflow:5 out of the last 5 calls to <function> triggered tf.function retracing.\n": (True, True),

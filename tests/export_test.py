@@ -105,3 +105,81 @@ def test_pretraining_starts_from_the_exported_preset_and_refuses_conflicting_fla
     fresh = pretrain(tmp_path / "fresh", f"--init_preset={preset_dir}", check=False, data_dir=tmp_path / "data")
     assert fresh.returncode == 1
     assert fresh.stderr.strip().splitlines()[-1] == f"error: --init_preset={preset_dir}: no such directory"
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A tiny model of width 64 with a 512-token BPE vocabulary, and its float export (at width 32
+    and 99 characters, the float position embeddings, norms and biases are a third of the
+    weights; in any real model they are a few percent)."""
+    from pretrain_helpers import pretrain
+
+    tmp = tmp_path_factory.mktemp("wide")
+    pretrain(tmp / "model", "--hidden_dim=64", "--tokenizer=sentencepiece_bpe", "--vocab_size=512", "--train_steps=20", "--eval_every=0", "--checkpoint_every=20",
+             "--sample_prompt=", data_dir=tmp / "data")
+    run(["-m", "pipelines.export", f"--model_dir={tmp / 'model'}", f"--output_dir={tmp / 'float'}"])
+    return tmp / "model", tmp / "float"
+
+
+@pytest.fixture(scope="module")
+def quantized(wide, tmp_path_factory):
+    """The float export, quantized to int8 (an export dir is a valid --model_dir)."""
+    out = tmp_path_factory.mktemp("export-int8") / "tiny-int8"
+    proc = run(["-m", "pipelines.export", f"--model_dir={wide[1]}", f"--output_dir={out}", "--quantize=int8"])
+    assert "quantized to int8: weights " in proc.stdout
+    return out
+
+
+def _weights_bytes(saved_model) -> int:
+    return sum(f.stat().st_size for f in (saved_model / "variables").iterdir())
+
+
+def test_int8_export_serves_in_a_fresh_process_like_the_float_one_and_is_3x_smaller(wide, quantized, tmp_path):
+    exported = wide[1]
+    script = tmp_path / "serve.py"
+    script.write_text(FRESH)
+    served = {name: json.loads(run([str(script), str(d / "saved_model")]).stdout.strip().splitlines()[-1])
+              for name, d in (("float", exported), ("int8", quantized))}
+    assert served["int8"]["imported"] == []
+    # greedy continuations of short prompts are the same text
+    assert [t[:12] for t in served["int8"]["text"]] == [t[:12] for t in served["float"]["text"]], served
+    assert served["int8"]["tokens"] == served["float"]["tokens"]
+    assert served["int8"]["log_prob"] == pytest.approx(served["float"]["log_prob"], rel=0.01)
+    ratio = _weights_bytes(exported / "saved_model") / _weights_bytes(quantized / "saved_model")
+    assert ratio >= 3.0, ratio
+    record = json.loads((quantized / "export.json").read_text())
+    assert record["quantization"] == "int8" and json.loads((exported / "export.json").read_text())["quantization"] is None
+    assert record["step"] == 20
+
+
+def test_int8_perplexity_is_within_one_percent_of_the_float_model(wide, quantized, tmp_path):
+    results = {}
+    for name, model_dir in (("float", wide[0]), ("int8", quantized)):
+        run(["-m", "pipelines.evaluate", f"--model_dir={model_dir}", "--max_batches=4",
+             f"--output_json={tmp_path / name}.json"])
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert results["int8"]["tokens"] == results["float"]["tokens"] > 0
+    assert abs(results["int8"]["perplexity"] / results["float"]["perplexity"] - 1) < 0.01, results
+
+
+def test_a_quantized_export_is_not_quantized_again(quantized, tmp_path):
+    proc = run(["-m", "pipelines.export", f"--model_dir={quantized}", f"--output_dir={tmp_path / 'again'}",
+                "--quantize=int8"], check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: {quantized} is already quantized (int8); export from the float model dir it came from")
+    assert not (tmp_path / "again").exists()
+    from pretrain_helpers import pretrain
+    proc = pretrain(tmp_path / "m", f"--init_preset={quantized / 'preset'}", check=False, data_dir=tmp_path / "d")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: --init_preset={quantized / 'preset'}: a quantized preset (pipelines.export --quantize) serves; "
+        f"training starts from a float one")
+
+
+def test_bad_quantize_modes_and_checkpoints_of_an_export_are_one_error_line(exported, trained_model_dir, tmp_path):
+    proc = run(["-m", "pipelines.export", f"--model_dir={trained_model_dir}", f"--output_dir={tmp_path / 'q'}",
+                "--quantize=fp8"], check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == "error: --quantize=fp8: expected one of int8, int4"
+    assert not (tmp_path / "q").exists()
+    proc = run(["-m", "pipelines.evaluate", f"--model_dir={exported}", "--checkpoint=best"], check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: {exported} is an export, which holds one set of weights: --checkpoint=best does not apply")

@@ -9,7 +9,8 @@ the process' stderr (fd 2) becomes a pipe that a thread copies to the real stder
 - C++ log lines (`I0000 ...`, `W0000 ...` and the older `2026-... I tensorflow/...` form) of
   severity info and warning, and absl's "before InitializeLog" notice;
 - on a machine with no NVIDIA device, error lines about CUDA, cuDNN, cuFFT and cuBLAS, since
-  nothing there can use them.
+  nothing there can use them;
+- oneDNN's error-severity note that int8 matmuls fall back to Eigen (quantized models).
 
 Errors, fatal messages, tracebacks, Python warnings and everything tfllm prints pass through.
 `--tf_logs` on the command line or TFLLM_TF_LOGS=1 leaves stderr untouched. A C++ fatal error
@@ -33,6 +34,9 @@ _ABSL_NOTICE = b"WARNING: All log messages before absl::InitializeLog() is calle
 _CONTINUATION = re.compile(rb"^To enable the following instructions: .* rebuild TensorFlow with the appropriate "
                            rb"compiler flags\.$")
 _CUDA = re.compile(rb"cuInit|CUDA|cuda|cuDNN|cuFFT|cuBLAS|GPU will not be used")
+# Logged at error severity but only a note that a fallback kernel runs (int8 matmuls of a
+# quantized model, on any CPU: the check is made even where AVX-512 is present).
+_FALLBACK_NOTICE = re.compile(rb"oneDNN supports DT_INT8 only on platforms with AVX-512\. Falling back")
 _state: dict = {}
 
 
@@ -49,7 +53,7 @@ def keep(line: bytes, gpu: bool) -> bool:
     if not match:
         return True
     severity = match.group(1) or match.group(2)
-    if severity in (b"I", b"W"):
+    if severity in (b"I", b"W") or _FALLBACK_NOTICE.search(line):
         return False
     return gpu or severity == b"F" or not _CUDA.search(line)
 

@@ -22,6 +22,8 @@ import tensorflow as tf
 
 from tfllm import atomic, preset
 from tfllm.config import ConfigError
+from tfllm.quantize import quantization_mode, reload
+from tfllm.restore import EXPORT_FILE
 from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
 
 
@@ -69,18 +71,22 @@ class ServingModule(tf.Module):
         return {"log_prob": tf.reduce_sum(log_probs, axis=1), "tokens": lengths - 1}
 
 
-def export(model: keras.Model, tokenizer: Tokenizer, context: int, out_dir: str, overwrite: bool = False) -> str:
-    """Writes `<out_dir>/saved_model`, `model.keras`, `tokenizer/` and `preset/` (a keras-hub preset
-    with the tokenizer inside, see `tfllm.preset`), atomically; returns out_dir."""
+def export(model: keras.Model, tokenizer: Tokenizer, context: int, out_dir: str, overwrite: bool = False,
+           record: dict | None = None) -> str:
+    """Writes `<out_dir>/saved_model`, `model.keras`, `tokenizer/`, `preset/` (a keras-hub preset
+    with the tokenizer inside, see `tfllm.preset`) and `export.json` (`record`: the training
+    config, step and checkpoint, plus the quantization mode), atomically; returns out_dir."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise ConfigError(f"{out_dir}: output path exists (pass --overwrite to replace it)")
 
     def build(tmp: str) -> None:
-        module = ServingModule(model, tokenizer, context)
+        keras_file, mode = os.path.join(tmp, "model.keras"), quantization_mode(model)
+        model.save(keras_file)
+        preset.save(model, tokenizer, os.path.join(tmp, "preset"))
+        module = ServingModule(reload(model, keras_file) if mode else model, tokenizer, context)
         tf.saved_model.save(module, os.path.join(tmp, "saved_model"),
                             signatures={"generate": module.generate, "score": module.score})
-        model.save(os.path.join(tmp, "model.keras"))
         tokenizer.save(os.path.join(tmp, "tokenizer"))
-        preset.save(model, tokenizer, os.path.join(tmp, "preset"))
+        atomic.write_json(os.path.join(tmp, EXPORT_FILE), {**(record or {}), "quantization": mode})
     return atomic.build_dir(out_dir, build)

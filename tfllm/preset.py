@@ -44,6 +44,9 @@ def _backbone_config(path: str) -> tuple[str, dict]:
 def model_config(path: str) -> ModelConfig:
     """The architecture of the preset at `path`, as tfllm's ModelConfig."""
     class_name, c = _backbone_config(path)
+    if "Quantized" in json.dumps(c.get("dtype")):
+        raise ConfigError(f"--init_preset={path}: a quantized preset (pipelines.export --quantize) serves; "
+                          f"training starts from a float one")
     try:
         if class_name == "GPT2Backbone":
             return ModelConfig(family="gpt2", num_layers=c["num_layers"], num_heads=c["num_heads"],

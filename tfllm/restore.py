@@ -1,8 +1,10 @@
-"""Loading a trained model dir (config.json, tokenizer/, checkpoints/) for inference."""
+"""Loading a trained model dir (config.json, tokenizer/, checkpoints/) for inference, or an export
+of one (export.json, model.keras, tokenizer/: see `tfllm.export`), quantized or not."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import keras
@@ -14,6 +16,7 @@ from tfllm.tokenizers import Tokenizer, load_tokenizer
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
+EXPORT_FILE = "export.json"
 
 
 @dataclasses.dataclass
@@ -42,7 +45,27 @@ def read_model_dir(model_dir: str) -> tuple[Config, Tokenizer]:
     return cfg, tokenizer
 
 
+def is_export(path: str) -> bool:
+    return bool(path) and os.path.exists(os.path.join(path, EXPORT_FILE))
+
+
+def load_export(export_dir: str, checkpoint: str | None = "latest") -> TrainedModel:
+    """The model an export holds, from its model.keras (quantized layers included)."""
+    if checkpoint not in (None, "latest"):
+        raise ConfigError(f"{export_dir} is an export, which holds one set of weights: --checkpoint={checkpoint} "
+                          f"does not apply")
+    with open(os.path.join(export_dir, EXPORT_FILE)) as f:
+        record = json.load(f)
+    keras.mixed_precision.set_global_policy("float32")
+    model = keras.saving.load_model(os.path.join(export_dir, "model.keras"), compile=False)
+    tokenizer = load_tokenizer(os.path.join(export_dir, TOKENIZER_DIR))
+    return TrainedModel(model, tokenizer, Config.from_dict(record["config"]), record["checkpoint"], record["step"])
+
+
 def load_trained_model(model_dir: str, checkpoint: str | None = "latest") -> TrainedModel:
+    """A pretraining model dir's checkpoint, or the model of an export dir."""
+    if is_export(model_dir):
+        return load_export(model_dir, checkpoint)
     cfg, tokenizer = read_model_dir(model_dir)
     manager = CheckpointManager(model_dir)
     path = manager.resolve(checkpoint)
