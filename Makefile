@@ -10,7 +10,7 @@ export TFLLM_VENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-fast gpu-build-check bench bench-cluster bench-prepare cluster-down clean
+.PHONY: install demo test test-fast gpu-build-check bench bench-cluster bench-prepare bench-quantize cluster-down clean
 
 install:
 	@bash .ci/install.sh
@@ -57,6 +57,11 @@ bench: install
 bench-prepare: install
 	mkdir -p .bench
 	$(PY) tests/benchmarks/prepare_bench.py --output_json=.bench/prepare.json
+
+# CPU generation latency and weights of float and int8 SavedModels (baby GPT and 10x; ~10 min).
+bench-quantize: install
+	mkdir -p .bench
+	$(PY) tests/benchmarks/quantize_bench.py --output_json=.bench/quantize.json
 
 # Step and allreduce times on 2 and 3 emulated hosts (network namespaces, root) over links shaped to
 # 1 and 10 Gbit/s, and the cost model calibrated on 2 hosts against 3 (about 15 minutes on 2 cores).

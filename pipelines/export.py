@@ -24,7 +24,8 @@ from absl import flags
 from tfllm import cli, distributed
 from tfllm.config import ConfigError
 from tfllm.export import export
-from tfllm.quantize import check_mode, quantize, refuse_quantized, weight_bytes
+from tfllm.models import build_causal_lm
+from tfllm.quantize import check_mode, quantization_mode, quantize, refuse_quantized, weight_bytes
 from tfllm.restore import load_trained_model
 
 flags.DEFINE_string("model_dir", "", "Model dir written by pipelines.pretrain.")
@@ -46,15 +47,17 @@ def main(argv):
         raise ConfigError(f"{os.path.abspath(FLAGS.output_dir)}: output path exists (pass --overwrite to replace it)")
     trained = load_trained_model(FLAGS.model_dir, FLAGS.checkpoint)
     model, size = trained.model, weight_bytes(trained.model)
-    refuse_quantized(model, FLAGS.model_dir)
+    refuse_quantized(trained.quantization or quantization_mode(model), FLAGS.model_dir)
     if FLAGS.quantize:
         model = quantize(model, FLAGS.quantize, source=FLAGS.model_dir)
         print(f"quantized to {FLAGS.quantize}: weights {size / 1e6:.2f} MB -> {weight_bytes(model) / 1e6:.2f} MB",
               flush=True)
     record = {"config": trained.config.to_dict(), "step": trained.step, "checkpoint": trained.checkpoint,
               "source": os.path.abspath(FLAGS.model_dir)}
+    # int8 serves through a float twin of the architecture (see tfllm/quantize.py: FloatTwin).
+    twin = build_causal_lm(trained.config.model) if FLAGS.quantize == "int8" else None
     out = export(model, trained.tokenizer, trained.config.model.max_sequence_length, FLAGS.output_dir,
-                 FLAGS.overwrite, record)
+                 FLAGS.overwrite, record, twin)
     print(f"exported step {trained.step} ({trained.checkpoint}) to {out}", flush=True)
 
 

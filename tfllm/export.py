@@ -14,6 +14,7 @@ needs only `import tensorflow, tensorflow_text` to load it:
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import keras
@@ -22,18 +23,22 @@ import tensorflow as tf
 
 from tfllm import atomic, preset
 from tfllm.config import ConfigError
-from tfllm.quantize import quantization_mode, reload
+from tfllm.quantize import FloatTwin, quantization_mode, reload
 from tfllm.restore import EXPORT_FILE
 from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
 
 
 class ServingModule(tf.Module):
-    def __init__(self, model: keras.Model, tokenizer: Tokenizer, context: int):
+    """`model`'s variables are what the SavedModel stores. With a `twin` (int8 models), the
+    signatures compute with its float model, fed the dequantized weights once per call."""
+
+    def __init__(self, model: keras.Model, tokenizer: Tokenizer, context: int, twin: FloatTwin | None = None):
         super().__init__(name="tfllm_serving")
         self.model = model
+        self.twin = twin  # a plain object: TensorFlow does not track it, so the twin's variables stay out
         self.tokenizer = tokenizer
         self.context = int(context)
-        model.compile(sampler=keras_hub.samplers.GreedySampler())
+        self.runner.compile(sampler=keras_hub.samplers.GreedySampler())
         self.generate = tf.function(self._generate, input_signature=[
             tf.TensorSpec([None], tf.string, name="prompts"), tf.TensorSpec([], tf.int32, name="max_new_tokens")])
         self.score = tf.function(self._score, input_signature=[tf.TensorSpec([None], tf.string, name="texts")])
@@ -48,7 +53,8 @@ class ServingModule(tf.Module):
         token_ids = ids.to_tensor(default_value=PAD_ID)
         token_ids = tf.pad(token_ids, [[0, 0], [0, total - tf.shape(token_ids)[1]]], constant_values=PAD_ID)
         mask = tf.sequence_mask(lengths, total)
-        out = self.model.generate_step({"token_ids": token_ids, "padding_mask": mask}, stop_token_ids=[EOD_ID])
+        with self._weights():
+            out = self.runner.generate_step({"token_ids": token_ids, "padding_mask": mask}, stop_token_ids=[EOD_ID])
         generated = out["token_ids"]
         positions = tf.range(total)[tf.newaxis, :]
         is_new = (positions >= lengths[:, tf.newaxis]) & (positions < (lengths + max_new_tokens)[:, tf.newaxis])
@@ -56,6 +62,14 @@ class ServingModule(tf.Module):
         after_eod = tf.math.cumsum(tf.cast(is_new & tf.equal(generated, EOD_ID), tf.int32), axis=1) > 0
         new = tf.ragged.boolean_mask(generated, is_new & ~after_eod)
         return {"text": self.tokenizer.detokenize(new)}
+
+    @property
+    def runner(self) -> keras.Model:
+        """The model the signatures call (a property, not an attribute, so as not to be tracked)."""
+        return self.twin.model if self.twin else self.model
+
+    def _weights(self):
+        return self.twin.scope() if self.twin else contextlib.nullcontext()
 
     def _score(self, texts):
         ids = self.tokenizer.tokenize(texts)[:, : self.context - 1]
@@ -65,14 +79,16 @@ class ServingModule(tf.Module):
         dense = full.to_tensor(default_value=PAD_ID)
         inputs, targets = dense[:, :-1], dense[:, 1:]
         mask = tf.sequence_mask(lengths - 1, tf.shape(targets)[1])
-        logits = tf.cast(self.model({"token_ids": inputs, "padding_mask": tf.ones_like(inputs, tf.bool)}), tf.float32)
+        with self._weights():
+            logits = self.runner({"token_ids": inputs, "padding_mask": tf.ones_like(inputs, tf.bool)})
+        logits = tf.cast(logits, tf.float32)
         log_probs = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
         log_probs = tf.where(mask, log_probs, 0.0)
         return {"log_prob": tf.reduce_sum(log_probs, axis=1), "tokens": lengths - 1}
 
 
 def export(model: keras.Model, tokenizer: Tokenizer, context: int, out_dir: str, overwrite: bool = False,
-           record: dict | None = None) -> str:
+           record: dict | None = None, float_twin: keras.Model | None = None) -> str:
     """Writes `<out_dir>/saved_model`, `model.keras`, `tokenizer/`, `preset/` (a keras-hub preset
     with the tokenizer inside, see `tfllm.preset`) and `export.json` (`record`: the training
     config, step and checkpoint, plus the quantization mode), atomically; returns out_dir."""
@@ -84,7 +100,9 @@ def export(model: keras.Model, tokenizer: Tokenizer, context: int, out_dir: str,
         keras_file, mode = os.path.join(tmp, "model.keras"), quantization_mode(model)
         model.save(keras_file)
         preset.save(model, tokenizer, os.path.join(tmp, "preset"))
-        module = ServingModule(reload(model, keras_file) if mode else model, tokenizer, context)
+        served = reload(model, keras_file) if mode else model
+        twin = FloatTwin(served, float_twin) if mode == "int8" and float_twin is not None else None
+        module = ServingModule(served, tokenizer, context, twin)
         tf.saved_model.save(module, os.path.join(tmp, "saved_model"),
                             signatures={"generate": module.generate, "score": module.score})
         tokenizer.save(os.path.join(tmp, "tokenizer"))

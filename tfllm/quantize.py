@@ -9,9 +9,15 @@ stay float32. The layers serialise with their quantized variables, so a quantize
 `.keras` and to a keras-hub preset, and traces into a SavedModel whose graph holds the int8
 constants and the dequantizing ops: TensorFlow alone serves it.
 
-int8 quantizes each Dense input per token at call time as well (abs-max, symmetric), so the
-matmul runs on int8 operands; int4 packs two weights per byte and dequantizes the kernel before a
-float matmul.
+Serving speed on a CPU decides how an int8 model computes. Keras's int8 layers quantize each
+input per token and multiply int8 by int8, and its weight-only variant casts the kernel to float
+at every call; in TensorFlow 2.21 on a CPU both decode slower than the float model (int8 matmuls
+fall back to Eigen; the cast reads and writes every weight at every token). An int8 export
+therefore stores Keras's int8 weights and scales but computes with a float twin of the model
+(`FloatTwin`): each serving call first dequantizes every weight (w = q / scale) into the twin,
+then decodes with float matmuls exactly as the float model does. The numbers are those of Keras's
+weight-only int8; the cost is one pass over the weights per call, and memory for a float copy
+while the call runs. int4 keeps Keras's own layers (two weights per byte, unpacked per call).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ def check_mode(mode: str) -> None:
 def quantize(model: keras.Model, mode: str, source: str = "the model") -> keras.Model:
     """Quantizes `model`'s weights in place and returns it."""
     check_mode(mode)
-    refuse_quantized(model, source)
+    refuse_quantized(quantization_mode(model), source)
     with warnings.catch_warnings():
         # Keras names every layer without a quantized form (norms, dropout, position embedding).
         warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
@@ -51,11 +57,10 @@ def quantize(model: keras.Model, mode: str, source: str = "the model") -> keras.
     return model
 
 
-def refuse_quantized(model: keras.Model, source: str) -> None:
+def refuse_quantized(done: str | None, source: str) -> None:
     """A quantized model is final: quantizing it again would compound the rounding, and Keras
     3.15 cannot save a quantized model it has loaded (its reversible token embedding reloads
     without the quantized dtype policy and saves no scale), so it cannot be exported again."""
-    done = quantization_mode(model)
     if done:
         raise ConfigError(f"{source} is already quantized ({done}); export from the float model dir it came from")
 
@@ -65,6 +70,55 @@ def reload(model: keras.Model, keras_file: str) -> keras.Model:
     slightly differently before its first save than after, and the SavedModel must serve the
     same numbers as model.keras and the preset."""
     return keras.saving.load_model(keras_file, compile=False)
+
+
+class FloatTwin:
+    """Serves a quantized model at float speed: a float model of the same architecture whose every
+    weight is computed, once per call of a serving function, from the quantized model's int8
+    weights and scales. The decode loop then runs float matmuls on weights already in float, as
+    the float model does, instead of casting or quantizing at every token (both of which cost more
+    than they save on a CPU: see tests/benchmarks/quantize_bench.py). The twin's own variables are
+    never read, and it is kept out of TensorFlow's object tracking, so a SavedModel stores only the
+    quantized weights."""
+
+    def __init__(self, quantized: keras.Model, twin: keras.Model):
+        if quantization_mode(quantized) != "int8":
+            raise ConfigError(f"a float twin serves int8 models, not {quantization_mode(quantized)}")
+        self.quantized = {v.path: v for v in quantized.weights}
+        missing = [v.path for v in twin.weights if v.path not in self.quantized]
+        if missing:
+            raise ConfigError(f"the float twin does not match the quantized model: {missing[:3]}")
+        self.model = twin
+
+    def values(self) -> list:
+        """(twin variable, value) pairs for a keras.StatelessScope, computed in the caller's graph."""
+        from keras import ops
+
+        out = []
+        for v in self.model.weights:
+            q = self.quantized[v.path]
+            if q.dtype != "int8":
+                out.append((v, ops.convert_to_tensor(q)))
+                continue
+            scale = ops.convert_to_tensor(self.quantized[v.path + "_scale"])
+            shape = list(scale.shape)
+            while len(shape) > 1 and shape[0] == 1:  # einsum kernels keep the output's batch axes
+                shape.pop(0)
+            if v.path.endswith("embeddings"):  # one scale per row (token) of the table
+                shape = shape + [1] * (len(q.shape) - len(shape))
+            scale = ops.reshape(scale, shape)
+            out.append((v, ops.divide(ops.cast(q, v.dtype), scale)))
+        return out
+
+    def scope(self):
+        return keras.StatelessScope(state_mapping=self.values())
+
+    def materialize(self) -> keras.Model:
+        """The twin with the dequantized weights in its variables: in Python (evaluation,
+        generation) it computes exactly what the int8 SavedModel serves."""
+        for variable, value in self.values():
+            variable.assign(value)
+        return self.model
 
 
 def weight_bytes(model: keras.Model) -> int:

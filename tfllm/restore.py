@@ -26,6 +26,7 @@ class TrainedModel:
     config: Config
     checkpoint: str
     step: int
+    quantization: str | None = None  # an export's (its int8 model is served by a float twin)
 
 
 def read_model_dir(model_dir: str) -> tuple[Config, Tokenizer]:
@@ -57,9 +58,14 @@ def load_export(export_dir: str, checkpoint: str | None = "latest") -> TrainedMo
     with open(os.path.join(export_dir, EXPORT_FILE)) as f:
         record = json.load(f)
     keras.mixed_precision.set_global_policy("float32")
+    cfg = Config.from_dict(record["config"])
     model = keras.saving.load_model(os.path.join(export_dir, "model.keras"), compile=False)
+    if record.get("quantization") == "int8":  # computed as the SavedModel serves it
+        from tfllm.quantize import FloatTwin
+
+        model = FloatTwin(model, build_causal_lm(cfg.model)).materialize()
     tokenizer = load_tokenizer(os.path.join(export_dir, TOKENIZER_DIR))
-    return TrainedModel(model, tokenizer, Config.from_dict(record["config"]), record["checkpoint"], record["step"])
+    return TrainedModel(model, tokenizer, cfg, record["checkpoint"], record["step"], record.get("quantization"))
 
 
 def load_trained_model(model_dir: str, checkpoint: str | None = "latest") -> TrainedModel:
