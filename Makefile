@@ -61,7 +61,7 @@ bench-prepare: install
 # CPU generation latency and weights of float and int8 SavedModels (baby GPT and 10x; ~10 min).
 bench-quantize: install
 	mkdir -p .bench
-	$(PY) tests/benchmarks/quantize_bench.py --output_json=.bench/quantize.json
+	$(PY) tests/benchmarks/quantize_bench.py --repeats=5 --output_json=.bench/quantize.json
 
 # Step and allreduce times on 2 and 3 emulated hosts (network namespaces, root) over links shaped to
 # 1 and 10 Gbit/s, and the cost model calibrated on 2 hosts against 3 (about 15 minutes on 2 cores).

@@ -9,6 +9,9 @@ Distributed (same numbers at any world size):
     mpirun -np 2 python -m pipelines.evaluate --model_dir=runs/tiny
 Results: stdout (`loss=`, `perplexity=`, `tokens=`), a JSON file (--output_json, default
 <model_dir>/eval/<split>-step<N>.json) and TensorBoard scalars in <model_dir>/tb/eval/<split>.
+An export dir (pipelines.export, quantized or not) is evaluated as it serves; nothing is written
+into it, so --output_json is required:
+    python -m pipelines.evaluate --model_dir=exports/tiny-int8 --output_json=/tmp/int8.json
 """
 
 import os
@@ -19,10 +22,10 @@ from tfllm import atomic, cli, distributed
 from tfllm.config import ConfigError
 from tfllm.data.pipeline import WindowDataset
 from tfllm.evaluate import TextWindows, evaluate
-from tfllm.restore import load_trained_model
+from tfllm.restore import is_export, load_trained_model
 from tfllm.summary import SummaryWriter
 
-flags.DEFINE_string("model_dir", "", "Model dir written by pipelines.pretrain.")
+flags.DEFINE_string("model_dir", "", "Model dir written by pipelines.pretrain, or an export of one.")
 flags.DEFINE_string("checkpoint", "latest", "latest, best, a step number or a checkpoint directory.")
 flags.DEFINE_string("data_dir", "", "Prepared data to evaluate on (default: the model's own data).")
 flags.DEFINE_enum("split", "validation", ["train", "validation"], "Split of the prepared data.")
@@ -36,6 +39,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     world = distributed.init()
+    export_dir = is_export(FLAGS.model_dir)
+    if export_dir and not FLAGS.output_json:  # an export is a finished artifact: nothing is written into it
+        raise ConfigError(f"{FLAGS.model_dir} is an export: pass --output_json=FILE for the results")
     trained = load_trained_model(FLAGS.model_dir, FLAGS.checkpoint)
     seq_len = trained.config.data.seq_len
     if FLAGS.text_file:
@@ -55,9 +61,10 @@ def main(argv):
     if world.is_chief:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         atomic.write_json(out, result, sort_keys=False)
-        writer = SummaryWriter(os.path.join(FLAGS.model_dir, "tb", "eval"), enabled=True)
-        writer.scalars(name, trained.step, {"loss": result["loss"], "perplexity": result["perplexity"]})
-        writer.close()
+        if not export_dir:
+            writer = SummaryWriter(os.path.join(FLAGS.model_dir, "tb", "eval"), enabled=True)
+            writer.scalars(name, trained.step, {"loss": result["loss"], "perplexity": result["perplexity"]})
+            writer.close()
         print(f"loss={result['loss']:.6f}\nperplexity={result['perplexity']:.4f}\ntokens={result['tokens']}\n"
               f"results: {out}", flush=True)
 

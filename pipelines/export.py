@@ -9,8 +9,8 @@ Serving needs only TensorFlow and tensorflow-text:
     m = tf.saved_model.load("exports/tiny/saved_model")
     m.signatures["generate"](prompts=tf.constant(["def "]), max_new_tokens=tf.constant(64))["text"]
     m.signatures["score"](texts=tf.constant(["def f(x):"]))  # log_prob, tokens
-Quantized (int8 or int4 weights with per-channel scales; see tfllm/quantize.py), from a model dir
-or from a float export:
+Quantized (int8 weights with per-channel scales, or int4 with per-128-input scales; see
+tfllm/quantize.py), from a model dir or from a float export:
     python -m pipelines.export --model_dir=runs/tiny --output_dir=exports/tiny-int8 --quantize=int8
     python -m pipelines.export --model_dir=exports/tiny --output_dir=exports/tiny-int8 --quantize=int8
 `<output_dir>/preset` is a keras-hub preset (GPT-2 ones load with keras_hub.models.CausalLM.from_preset)
@@ -28,7 +28,7 @@ from tfllm.models import build_causal_lm
 from tfllm.quantize import check_mode, quantization_mode, quantize, refuse_quantized, weight_bytes
 from tfllm.restore import load_trained_model
 
-flags.DEFINE_string("model_dir", "", "Model dir written by pipelines.pretrain.")
+flags.DEFINE_string("model_dir", "", "Model dir written by pipelines.pretrain, or an export of one.")
 flags.DEFINE_string("checkpoint", "latest", "latest, best, a step number or a checkpoint directory.")
 flags.DEFINE_string("output_dir", "", "Where to write saved_model/, model.keras, tokenizer/ and preset/.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --output_dir.")
@@ -43,6 +43,8 @@ def main(argv):
         raise ConfigError("--output_dir is required")
     if FLAGS.quantize:
         check_mode(FLAGS.quantize)
+    if os.path.abspath(FLAGS.output_dir) == os.path.abspath(FLAGS.model_dir):
+        raise ConfigError(f"--output_dir={FLAGS.output_dir} is the --model_dir it exports from; choose another")
     if os.path.exists(FLAGS.output_dir) and not FLAGS.overwrite:
         raise ConfigError(f"{os.path.abspath(FLAGS.output_dir)}: output path exists (pass --overwrite to replace it)")
     trained = load_trained_model(FLAGS.model_dir, FLAGS.checkpoint)

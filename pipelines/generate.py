@@ -20,7 +20,7 @@ from tfllm.generate import generate_text
 from tfllm.restore import load_trained_model
 
 define_sampling_flags()
-flags.DEFINE_string("model_dir", "", "Model dir written by pipelines.pretrain.")
+flags.DEFINE_string("model_dir", "", "Model dir written by pipelines.pretrain, or an export of one.")
 flags.DEFINE_string("checkpoint", "latest", "latest, best, a step number or a checkpoint directory.")
 flags.DEFINE_multi_string("prompt", [], 'A prompt (repeat the flag for a batch); in a flagfile, "quoted" keeps edge spaces.')
 flags.DEFINE_string("prompts_file", "", "A file with one prompt per line.")

@@ -180,6 +180,11 @@ def test_bad_quantize_modes_and_checkpoints_of_an_export_are_one_error_line(expo
                 "--quantize=fp8"], check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == "error: --quantize=fp8: expected one of int8, int4"
     assert not (tmp_path / "q").exists()
-    proc = run(["-m", "pipelines.evaluate", f"--model_dir={exported}", "--checkpoint=best"], check=False)
+    proc = run(["-m", "pipelines.evaluate", f"--model_dir={exported}", "--checkpoint=best",
+                f"--output_json={tmp_path / 'e.json'}"], check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
         f"error: {exported} is an export, which holds one set of weights: --checkpoint=best does not apply")
+    proc = run(["-m", "pipelines.evaluate", f"--model_dir={exported}"], check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: {exported} is an export: pass --output_json=FILE for the results"]
+    assert not (exported / "eval").exists() and not (exported / "tb").exists()

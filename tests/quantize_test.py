@@ -95,3 +95,32 @@ def test_twin_and_mode_checks(models):
         quantize(quantized, "int8", source="m")
     with pytest.raises(ConfigError, match="a float twin serves int8 models, not None"):
         FloatTwin(float_model, build_causal_lm(cfg))
+
+
+def test_an_int4_export_serves_what_its_model_keras_computes_and_its_preset_is_refused(gpt2_models, tmp_path):
+    import tensorflow as tf
+
+    from tfllm import preset
+    from tfllm.config import Config
+    from tfllm.export import export
+    from tfllm.models import build_causal_lm, lm_loss_sums
+    from tfllm.quantize import quantize
+    from tfllm.restore import load_export
+    from tfllm.tokenizers import EOD_ID, train_tokenizer
+
+    cfg, float_model, _, _ = gpt2_models
+    model = build_causal_lm(cfg)
+    model.set_weights(float_model.get_weights())
+    quantize(model, "int4")
+    tokenizer = train_tokenizer("char", ["".join(chr(c) for c in range(32, 120))], 0)
+    out = tmp_path / "int4"
+    export(model, tokenizer, 32, str(out), record={"config": Config(model=cfg).to_dict(), "step": 0, "checkpoint": ""})
+    trained = load_export(str(out))
+    assert trained.quantization == "int4"
+    text = "def add(a, b): return a + b"
+    ids = [EOD_ID] + tokenizer.encode(text)
+    loss_sum, _, _ = lm_loss_sums(trained.model, tf.constant([ids]), training=False)
+    served = tf.saved_model.load(str(out / "saved_model")).signatures["score"](texts=tf.constant([text]))
+    assert abs(float(served["log_prob"][0]) + float(loss_sum)) < 1e-3
+    with pytest.raises(ConfigError, match="a quantized preset"):
+        preset.model_config(str(out / "preset"))

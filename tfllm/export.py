@@ -100,8 +100,10 @@ def export(model: keras.Model, tokenizer: Tokenizer, context: int, out_dir: str,
         keras_file, mode = os.path.join(tmp, "model.keras"), quantization_mode(model)
         model.save(keras_file)
         preset.save(model, tokenizer, os.path.join(tmp, "preset"))
-        served = reload(model, keras_file) if mode else model
-        twin = FloatTwin(served, float_twin) if mode == "int8" and float_twin is not None else None
+        served = reload(keras_file) if mode else model
+        if mode == "int8" and float_twin is None:
+            raise ValueError("an int8 export needs float_twin (a float model of the same architecture)")
+        twin = FloatTwin(served, float_twin) if mode == "int8" else None
         module = ServingModule(served, tokenizer, context, twin)
         tf.saved_model.save(module, os.path.join(tmp, "saved_model"),
                             signatures={"generate": module.generate, "score": module.score})

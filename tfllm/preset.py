@@ -14,6 +14,7 @@ one, and loads the weights file into it. Nothing is ever downloaded.
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import keras
@@ -44,7 +45,8 @@ def _backbone_config(path: str) -> tuple[str, dict]:
 def model_config(path: str) -> ModelConfig:
     """The architecture of the preset at `path`, as tfllm's ModelConfig."""
     class_name, c = _backbone_config(path)
-    if "Quantized" in json.dumps(c.get("dtype")):
+    # int8 layers save a QuantizedDTypePolicy, int4 an Int4DTypePolicy (and float8, GPTQ, AWQ their own).
+    if re.search(r"Quantized|Int4|Float8|GPTQ|AWQ", json.dumps(c.get("dtype"))):
         raise ConfigError(f"--init_preset={path}: a quantized preset (pipelines.export --quantize) serves; "
                           f"training starts from a float one")
     try:

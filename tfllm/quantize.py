@@ -1,8 +1,9 @@
 """Post-training weight quantization of a trained causal LM, for export.
 
 Keras 3 quantizes its own layers in place (`Model.quantize`): Dense and EinsumDense kernels and
-Embedding tables become int8 (or packed int4) variables with one float32 scale per output
-channel, and their calls dequantize on the fly. Everything a keras-hub GPT-2 or Llama spends its
+Embedding tables become int8 variables with one float32 scale per output channel (per row for
+an embedding), or int4 packed two to a byte with a scale and zero point per 128 inputs (Keras's
+default sub-channel int4), and their calls dequantize on the fly. Everything a keras-hub GPT-2 or Llama spends its
 parameters on is such a layer: the attention and MLP projections, and the token embedding, whose
 transpose is also the tied LM head. Layer norms, biases and GPT-2's learned position embedding
 stay float32. The layers serialise with their quantized variables, so a quantized model saves to
@@ -65,7 +66,7 @@ def refuse_quantized(done: str | None, source: str) -> None:
         raise ConfigError(f"{source} is already quantized ({done}); export from the float model dir it came from")
 
 
-def reload(model: keras.Model, keras_file: str) -> keras.Model:
+def reload(keras_file: str) -> keras.Model:
     """The model as a later `load_model` of its saved file sees it: an int4 model computes
     slightly differently before its first save than after, and the SavedModel must serve the
     same numbers as model.keras and the preset."""

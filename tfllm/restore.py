@@ -55,8 +55,12 @@ def load_export(export_dir: str, checkpoint: str | None = "latest") -> TrainedMo
     if checkpoint not in (None, "latest"):
         raise ConfigError(f"{export_dir} is an export, which holds one set of weights: --checkpoint={checkpoint} "
                           f"does not apply")
-    with open(os.path.join(export_dir, EXPORT_FILE)) as f:
-        record = json.load(f)
+    try:
+        with open(os.path.join(export_dir, EXPORT_FILE)) as f:
+            record = json.load(f)
+        record["config"], record["step"], record["checkpoint"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{export_dir}/{EXPORT_FILE}: not an export record ({type(e).__name__}: {e})") from None
     keras.mixed_precision.set_global_policy("float32")
     cfg = Config.from_dict(record["config"])
     model = keras.saving.load_model(os.path.join(export_dir, "model.keras"), compile=False)

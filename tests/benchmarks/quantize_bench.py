@@ -3,14 +3,14 @@
     python tests/benchmarks/quantize_bench.py --output_json=.bench/quantize.json    # or: make bench-quantize
 
 Two architectures: the Shakespeare baby GPT (flags/shakespeare_char.cfg: 6 layers, width 384,
-context 256, 65 characters; 10.7M parameters) and one 10x its size (16 layers, width 768). Weights
+context 256, 63 characters; 10.7M parameters) and one 10x its size (16 layers, width 768). Weights
 are random, which changes neither size nor speed. Each variant is saved as a SavedModel with
 tfllm's serving module and loaded back, and its `generate` signature (greedy, keras-hub's cached
 sampler) is timed in this process at batch 1 and 8 from a 16-token prompt: ms per token is the
 time of 72 new tokens minus that of 8, over 64, so that the prompt's forward pass and the call
 overhead cancel (the int8 export's once-per-call dequantization is part of that overhead, so the
-time of 8 new tokens is reported too). Median of 3. Variants, all but float storing the same int8
-weights (Keras's int8: kernels and embeddings with per-channel scales):
+time of 8 new tokens is reported too). Median of --repeats (5 in make bench-quantize). Variants,
+all but float storing the same int8 weights (Keras's int8: per-channel scales):
   float       float32 weights
   int8        what `pipelines.export --quantize=int8` writes: the weights are dequantized once per
               call into a float twin of the model (tfllm/quantize.py: FloatTwin), which decodes
@@ -38,14 +38,15 @@ ARCHS = {"baby-gpt-10.7M": dict(num_layers=6, hidden_dim=384, num_heads=6),
          "10x-107M": dict(num_layers=16, hidden_dim=768, num_heads=12)}
 
 
-def build(arch: dict, variant: str):
+def build(arch: dict, variant: str, vocab_size: int):
     import keras
 
     from tfllm.config import ModelConfig
     from tfllm.models import build_causal_lm
 
     keras.utils.set_random_seed(0)
-    model = build_causal_lm(ModelConfig(family="gpt2", vocab_size=65, max_sequence_length=256, dropout=0.0, **arch))
+    cfg = ModelConfig(family="gpt2", vocab_size=vocab_size, max_sequence_length=256, dropout=0.0, **arch)
+    model = build_causal_lm(cfg)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
         if variant in ("int8", "int8-keras"):
@@ -56,8 +57,7 @@ def build(arch: dict, variant: str):
     if variant == "int8":
         from tfllm.quantize import FloatTwin
 
-        twin = FloatTwin(model, build_causal_lm(ModelConfig(family="gpt2", vocab_size=65, max_sequence_length=256,
-                                                            dropout=0.0, **arch)))
+        twin = FloatTwin(model, build_causal_lm(cfg))
     return model, twin
 
 
@@ -68,7 +68,7 @@ def measure(arch_name: str, variant: str, scratch: str, repeats: int) -> dict:
     from tfllm.tokenizers import train_tokenizer
 
     tokenizer = train_tokenizer("char", ["".join(chr(c) for c in range(32, 95))], 0)
-    model, twin = build(ARCHS[arch_name], variant)
+    model, twin = build(ARCHS[arch_name], variant, tokenizer.vocab_size)
     path = os.path.join(scratch, f"{arch_name}-{variant}")
     module = ServingModule(model, tokenizer, 256, twin)
     tf.saved_model.save(module, path, signatures={"generate": module.generate})
