@@ -23,7 +23,7 @@ from absl import flags
 
 from tfllm import cli, distributed
 from tfllm.config import ConfigError
-from tfllm.export import export
+from tfllm.export import export, output_dir
 from tfllm.models import build_causal_lm
 from tfllm.quantize import check_mode, quantization_mode, quantize, refuse_quantized, weight_bytes
 from tfllm.restore import load_trained_model
@@ -45,8 +45,7 @@ def main(argv):
         check_mode(FLAGS.quantize)
     if os.path.abspath(FLAGS.output_dir) == os.path.abspath(FLAGS.model_dir):
         raise ConfigError(f"--output_dir={FLAGS.output_dir} is the --model_dir it exports from; choose another")
-    if os.path.exists(FLAGS.output_dir) and not FLAGS.overwrite:
-        raise ConfigError(f"{os.path.abspath(FLAGS.output_dir)}: output path exists (pass --overwrite to replace it)")
+    output_dir(FLAGS.output_dir, FLAGS.overwrite)  # before the model loads: an existing export is kept
     trained = load_trained_model(FLAGS.model_dir, FLAGS.checkpoint)
     model, size = trained.model, weight_bytes(trained.model)
     refuse_quantized(trained.quantization or quantization_mode(model), FLAGS.model_dir)

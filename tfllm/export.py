@@ -87,22 +87,29 @@ class ServingModule(tf.Module):
         return {"log_prob": tf.reduce_sum(log_probs, axis=1), "tokens": lengths - 1}
 
 
+def output_dir(path: str, overwrite: bool) -> str:
+    """An export's destination, as an absolute path; an existing one only with `overwrite`."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise ConfigError(f"{path}: output path exists (pass --overwrite to replace it)")
+    return path
+
+
 def export(model: keras.Model, tokenizer: Tokenizer, context: int, out_dir: str, overwrite: bool = False,
            record: dict | None = None, float_twin: keras.Model | None = None) -> str:
     """Writes `<out_dir>/saved_model`, `model.keras`, `tokenizer/`, `preset/` (a keras-hub preset
     with the tokenizer inside, see `tfllm.preset`) and `export.json` (`record`: the training
     config, step and checkpoint, plus the quantization mode), atomically; returns out_dir."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise ConfigError(f"{out_dir}: output path exists (pass --overwrite to replace it)")
+    out_dir = output_dir(out_dir, overwrite)
+    mode = quantization_mode(model)
+    if mode == "int8" and float_twin is None:
+        raise ValueError("an int8 export needs float_twin (a float model of the same architecture)")
 
     def build(tmp: str) -> None:
-        keras_file, mode = os.path.join(tmp, "model.keras"), quantization_mode(model)
+        keras_file = os.path.join(tmp, "model.keras")
         model.save(keras_file)
         preset.save(model, tokenizer, os.path.join(tmp, "preset"))
         served = reload(keras_file) if mode else model
-        if mode == "int8" and float_twin is None:
-            raise ValueError("an int8 export needs float_twin (a float model of the same architecture)")
         twin = FloatTwin(served, float_twin) if mode == "int8" else None
         module = ServingModule(served, tokenizer, context, twin)
         tf.saved_model.save(module, os.path.join(tmp, "saved_model"),

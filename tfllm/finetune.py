@@ -22,6 +22,7 @@ from tfllm.checkpoint import CheckpointError, CheckpointManager
 from tfllm.classifier import (ClassifierServing, balanced_class_weights, build_classifier, classification_report,
                               classifier_chain, confusion_png, format_report, head_variables, make_loss_fn)
 from tfllm.config import ConfigError, FinetuneConfig, ModelConfig
+from tfllm.export import output_dir
 from tfllm.models import build_causal_lm
 from tfllm.restore import TOKENIZER_DIR, load_trained_model, read_model_dir
 from tfllm.loop import MetricsLog, Task, TrainLoop
@@ -267,9 +268,7 @@ def predict(clf: Classifier, texts: list[str], batch_size: int = 64) -> list[tup
 
 
 def export_classifier(clf: Classifier, out_dir: str, overwrite: bool = False) -> str:
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise ConfigError(f"{out_dir}: output path exists (pass --overwrite to replace it)")
+    out_dir = output_dir(out_dir, overwrite)
 
     def build(tmp: str) -> None:
         module = ClassifierServing(clf.model, clf.tokenizer, clf.classes, clf.cfg.max_length)
