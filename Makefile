@@ -10,7 +10,7 @@ export TFLLM_VENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-fast gpu-build-check bench bench-cluster bench-prepare bench-quantize cluster-down clean
+.PHONY: install demo test test-fast gpu-build-check bench bench-cluster bench-prepare bench-quantize bench-distill cluster-down clean
 
 install:
 	@bash .ci/install.sh
@@ -62,6 +62,11 @@ bench-prepare: install
 bench-quantize: install
 	mkdir -p .bench
 	$(PY) tests/benchmarks/quantize_bench.py --repeats=5 --output_json=.bench/quantize.json
+
+# Distillation: a 6-layer Shakespeare teacher, its 2-layer student distilled and from scratch (~6 min).
+bench-distill: install
+	mkdir -p .bench
+	$(PY) tests/benchmarks/distill_bench.py --run_dir=.bench/distill --output_json=.bench/distill.json
 
 # Step and allreduce times on 2 and 3 emulated hosts (network namespaces, root) over links shaped to
 # 1 and 10 Gbit/s, and the cost model calibrated on 2 hosts against 3 (about 15 minutes on 2 cores).

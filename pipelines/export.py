@@ -13,6 +13,10 @@ Quantized (int8 weights with per-channel scales, or int4 with per-128-input scal
 tfllm/quantize.py), from a model dir or from a float export:
     python -m pipelines.export --model_dir=runs/tiny --output_dir=exports/tiny-int8 --quantize=int8
     python -m pipelines.export --model_dir=exports/tiny --output_dir=exports/tiny-int8 --quantize=int8
+TensorFlow Serving (k8s/serving) serves <serving_dir>/<version>/; --serving_dir also places the SavedModel
+there as version <step>, and the server moves to the highest version it finds:
+    python -m pipelines.export --model_dir=/data/runs/tiny --output_dir=/data/exports/tiny \
+        --serving_dir=/data/serving/tfllm
 `<output_dir>/preset` is a keras-hub preset (GPT-2 ones load with keras_hub.models.CausalLM.from_preset)
 that a new pretraining run can start from: python -m pipelines.pretrain ... --init_preset=exports/tiny/preset
 """
@@ -21,7 +25,7 @@ import os
 
 from absl import flags
 
-from tfllm import cli, distributed
+from tfllm import atomic, cli, distributed
 from tfllm.config import ConfigError
 from tfllm.export import export, output_dir
 from tfllm.models import build_causal_lm
@@ -33,6 +37,8 @@ flags.DEFINE_string("checkpoint", "latest", "latest, best, a step number or a ch
 flags.DEFINE_string("output_dir", "", "Where to write saved_model/, model.keras, tokenizer/ and preset/.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --output_dir.")
 flags.DEFINE_string("quantize", "", "int8 or int4: quantize the weights (Keras post-training quantization).")
+flags.DEFINE_string("serving_dir", "", "Also copy the SavedModel to <serving_dir>/<step>, a version of a TensorFlow "
+                    "Serving model base path (--overwrite replaces an existing version).")
 FLAGS = flags.FLAGS
 
 
@@ -47,6 +53,8 @@ def main(argv):
         raise ConfigError(f"--output_dir={FLAGS.output_dir} is the --model_dir it exports from; choose another")
     output_dir(FLAGS.output_dir, FLAGS.overwrite)  # before the model loads: an existing export is kept
     trained = load_trained_model(FLAGS.model_dir, FLAGS.checkpoint)
+    version_dir = output_dir(os.path.join(FLAGS.serving_dir, str(trained.step)), FLAGS.overwrite) \
+        if FLAGS.serving_dir else None
     model, size = trained.model, weight_bytes(trained.model)
     refuse_quantized(trained.quantization or quantization_mode(model), FLAGS.model_dir)
     if FLAGS.quantize:
@@ -60,6 +68,9 @@ def main(argv):
     out = export(model, trained.tokenizer, trained.config.model.max_sequence_length, FLAGS.output_dir,
                  FLAGS.overwrite, record, twin)
     print(f"exported step {trained.step} ({trained.checkpoint}) to {out}", flush=True)
+    if version_dir:  # complete or absent: the server never sees a half-copied version
+        atomic.copy_dir(os.path.join(out, "saved_model"), version_dir)
+        print(f"TensorFlow Serving version {trained.step}: {version_dir}", flush=True)
 
 
 if __name__ == "__main__":

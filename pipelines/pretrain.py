@@ -31,7 +31,11 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    result = pretrain(config_from_flags())
+    report(pretrain(config_from_flags()))
+
+
+def report(result: dict) -> None:
+    """The lines scripts read (rank 0)."""
     if distributed.world().is_chief:
         val = result["val_loss"]
         print(f"val_loss={val:.4f}" if val is not None else "val_loss=nan")

@@ -23,6 +23,7 @@ LINES = {
     b"Falling back to the default Eigen-based implementation if present.\n": (False, False),
     b"error: /data: no such file or directory\n": (True, True),
     b"Traceback (most recent call last):\n": (True, True),
+    b"INFO:tensorflow:Assets written to: /tmp/e.tmp-1/saved_model/assets\n": (False, False),
     b"WARNING:tensorflow:5 out of the last 5 calls to <function> triggered tf.function retracing.\n": (True, True),
 }
 

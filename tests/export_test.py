@@ -1,9 +1,10 @@
 import json
+import re
 import textwrap
 
 import pytest
 
-from conftest import run
+from conftest import BIN, REPO, run
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +24,43 @@ FRESH = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def exported(trained_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "tiny"
-    run(["-m", "pipelines.export", f"--model_dir={trained_model_dir}", f"--output_dir={out}"])
+    run(["-m", "pipelines.export", f"--model_dir={trained_model_dir}", f"--output_dir={out}",
+         f"--serving_dir={out.parent / 'serving' / 'tfllm'}"])
     return out
+
+
+def test_serving_dir_holds_a_version_that_answers_the_readmes_requests(exported, trained_model_dir):
+    """The README's TensorFlow Serving request bodies, fed as the server feeds them (columnar
+    inputs, each converted to its signature's dtype), to the version that --serving_dir wrote."""
+    import subprocess
+
+    import tensorflow as tf
+
+    serving = exported.parent / "serving" / "tfllm"
+    (version,) = list(serving.iterdir())
+    assert version.name == "30" and (version / "saved_model.pb").exists()  # the fixture's 30 training steps
+    loaded = tf.saved_model.load(str(version))
+    requests = [json.loads(line) for line in (REPO / "README.md").read_text().splitlines()
+                if line.startswith('{"signature_name": ')]
+    answered = {}
+    for request in requests:
+        if request["signature_name"] not in loaded.signatures:  # classify: a classifier's export
+            continue
+        signature = loaded.signatures[request["signature_name"]]
+        specs = signature.structured_input_signature[1]
+        assert set(request["inputs"]) == set(specs)
+        outputs = signature(**{k: tf.constant(v, specs[k].dtype) for k, v in request["inputs"].items()})
+        answered[request["signature_name"]] = {k: v.shape.as_list() for k, v in outputs.items()}
+    assert answered == {"generate": {"text": [2]}, "score": {"log_prob": [2], "tokens": [2]}}
+    shown = subprocess.run([str(BIN / "saved_model_cli"), "show", "--dir", str(version), "--tag_set", "serve",
+                            "--signature_def", "generate"], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"inputs\['prompts'\] tensor_info:\s+dtype: DT_STRING", shown)
+    assert re.search(r"inputs\['max_new_tokens'\] tensor_info:\s+dtype: DT_INT32\s+shape: \(\)", shown)
+    # A version that exists is not replaced without --overwrite, and nothing else is written.
+    proc = run(["-m", "pipelines.export", f"--model_dir={trained_model_dir}", f"--output_dir={exported}-again",
+                f"--serving_dir={serving}"], check=False)
+    assert proc.returncode == 1 and f"{version}: output path exists" in proc.stderr.strip().splitlines()[-1]
+    assert not (exported.parent / "tiny-again").exists() and list(serving.iterdir()) == [version]
 
 
 def test_saved_model_serves_in_a_fresh_process_like_the_generate_pipeline(exported, trained_model_dir, tmp_path):

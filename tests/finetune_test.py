@@ -145,6 +145,26 @@ def test_round_trip_pretrain_finetune_predict_export(trained_model_dir, sst2_sli
     assert labels == [label for label, _ in lines] and sums == [1.0, 1.0]
     assert probs == pytest.approx([float(p) for _, p in lines], abs=2e-4)
 
+    # Quantized, and both exports evaluated on the validation data: the float export scores what
+    # training's best checkpoint scored; int8 stays within one example and 2% of the loss.
+    int8_dir = tmp_path / "export-int8"
+    quantized = run(["-m", "pipelines.finetune", "--mode=export", f"--model_dir={model_dir}",
+                     f"--export_dir={int8_dir}", "--quantize=int8"])
+    assert "quantized to int8: weights" in quantized.stdout
+    assert json.loads((int8_dir / "export.json").read_text())["quantization"] == "int8"
+    reports = {}
+    for name, exported in (("float", export_dir), ("int8", int8_dir)):
+        run(["-m", "pipelines.finetune", "--mode=evaluate", f"--model_dir={exported}",
+             f"--output_json={tmp_path / name}.json"])
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert reports["float"]["accuracy"] == pytest.approx(result["best_accuracy"], abs=1e-9)
+    assert abs(reports["int8"]["accuracy"] - reports["float"]["accuracy"]) <= 1 / 120 + 1e-9
+    assert reports["int8"]["loss"] == pytest.approx(reports["float"]["loss"], rel=0.02)
+    again = run(["-m", "pipelines.finetune", "--mode=export", f"--model_dir={int8_dir}",
+                 f"--export_dir={tmp_path / 'twice'}", "--quantize=int8"], check=False)
+    assert again.returncode == 1 and "is already quantized (int8)" in again.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "twice").exists()
+
 
 def test_scratch_init_and_resume(trained_model_dir, sst2_slice, tmp_path):
     # Scratch needs the architecture and the tokenizer, not the weights: a dir without checkpoints serves.

@@ -333,3 +333,32 @@ def test_elastic_overlay_runs_horovodrun_on_the_operators_discovery_script(mpijo
     assert int(option("--min-np")) <= int(option("-np")) == workers <= int(option("--max-np"))
     assert args[args.index("python"):args.index("python") + 3] == ["python", "-m", "pipelines.pretrain"]
     assert "--elastic" in args and any(a.startswith("--model_dir=/data/runs/tfllm-cpu-elastic/") for a in args)
+
+
+def test_serving_manifest_validates_and_matches_the_other_pods():
+    import kubernetes_validate
+
+    docs = kustomize("serving")
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    objs = by_kind(docs)
+    assert sorted(objs) == ["Deployment", "Service"] and len(docs) == 2
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # The same security context as TensorBoard's pod, the other long-running server.
+    tensorboard = by_kind(kustomize("overlays/cpu-smoke"))["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"] == tensorboard["securityContext"]
+    assert container["securityContext"] == tensorboard["containers"][0]["securityContext"]
+    assert re.fullmatch(r"tensorflow/serving:\d+\.\d+\.\d+", container["image"])
+    args = dict(a.lstrip("-").split("=", 1) for a in container["args"])
+    assert args["model_base_path"].startswith("/data/") and args["xla_cpu_compilation_enabled"] == "true"
+    assert container["readinessProbe"]["httpGet"]["path"] == f"/v1/models/{args['model_name']}"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": int(args["port"]), "http": int(args["rest_api_port"])}
+    assert container["readinessProbe"]["httpGet"]["port"] == "http"
+    (data,) = [v for v in pod["volumes"] if v["name"] == "data"]
+    assert data["persistentVolumeClaim"] == {"claimName": "tfllm-data", "readOnly": True}
+    assert {m["name"]: m.get("readOnly", False) for m in container["volumeMounts"]}["data"] is True
+    service = objs["Service"]["spec"]
+    assert service["selector"].items() <= objs["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+    assert {p["targetPort"] for p in service["ports"]} == set(ports)

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfllm.labelled import NO_LABEL, split_rows
+from tfllm.quantize import FloatTwin, TwinServing
 from tfllm.segments import Chain, Unit, backbone_units
 from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
 
@@ -160,12 +161,14 @@ def confusion_png(confusion, classes: list[str]) -> bytes:
     return buf.getvalue()
 
 
-class ClassifierServing(tf.Module):
-    """Strings in, probabilities out: tokenizer and classifier in one SavedModel (TF + tf_text only)."""
+class ClassifierServing(TwinServing):
+    """Strings in, probabilities out: tokenizer and classifier in one SavedModel (TF + tf_text only);
+    an int8 classifier computes with a float twin (see `TwinServing`)."""
 
-    def __init__(self, model: keras.Model, tokenizer: Tokenizer, classes: list[str], max_length: int):
-        super().__init__(name="tfllm_classifier")
-        self.model, self.tokenizer, self.max_length = model, tokenizer, int(max_length)
+    def __init__(self, model: keras.Model, tokenizer: Tokenizer, classes: list[str], max_length: int,
+                 twin: FloatTwin | None = None):
+        super().__init__(model, twin, "tfllm_classifier")
+        self.tokenizer, self.max_length = tokenizer, int(max_length)
         self.class_names = tf.constant(classes)
         self.classify = tf.function(self._classify, input_signature=[tf.TensorSpec([None], tf.string, name="texts")])
 
@@ -174,7 +177,9 @@ class ClassifierServing(tf.Module):
         eod = tf.fill([tf.shape(texts)[0], 1], EOD_ID)
         tokens = tf.concat([tf.cast(eod, ids.dtype), ids], axis=1).to_tensor(default_value=PAD_ID)
         tokens = tf.cast(tokens, tf.int32)
-        probs = tf.nn.softmax(tf.cast(self.model({"token_ids": tokens, "padding_mask": tokens != PAD_ID}), tf.float32))
+        with self.serving_weights():
+            logits = self.runner({"token_ids": tokens, "padding_mask": tokens != PAD_ID})
+        probs = tf.nn.softmax(tf.cast(logits, tf.float32))
         best = tf.argmax(probs, axis=-1, output_type=tf.int32)
         return {"probabilities": probs, "label": tf.gather(self.class_names, best),
                 "probability": tf.reduce_max(probs, axis=-1)}

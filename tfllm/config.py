@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 from tfllm import atomic
@@ -204,17 +205,41 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class DistillConfig:
+    """Knowledge distillation (pipelines.distill): the student learns the teacher's softened
+    next-token distribution, mixed with the data's own next tokens."""
+    teacher_dir: str = ""  # a pretraining model dir; empty: no teacher, plain pretraining
+    # Both distributions are softened by it and the KL term is scaled by its square. 1: short runs of
+    # tiny students learned less at 2 (README, "Distillation").
+    temperature: float = 1.0
+    alpha: float = 0.5  # weight of the KL term; 1 - alpha weighs the hard next-token loss
+
+    def validate(self) -> None:
+        if not self.teacher_dir:
+            return
+        if not self.temperature > 0:
+            raise ConfigError(f"--distill_temperature={self.temperature}: must be positive")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"--distill_alpha={self.alpha}: must be in [0, 1]")
+
+
+@dataclasses.dataclass
 class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
 
     def validate(self) -> "Config":
         self.data.validate()
         self.model.validate()
         self.optimizer.validate()
         self.train.validate()
+        self.distill.validate()
+        if self.distill.teacher_dir and os.path.abspath(self.distill.teacher_dir) == os.path.abspath(self.train.model_dir):
+            raise ConfigError(f"--teacher_dir and --model_dir are both {self.train.model_dir}: the student needs a "
+                              "model dir of its own")
         if self.train.elastic_global_batch and self.optimizer.scale_lr_with_world_size:
             raise ConfigError("--elastic_global_batch keeps the global batch constant; drop "
                               "--scale_lr_with_world_size, which follows a changing one")
@@ -238,6 +263,7 @@ class Config:
             model=build(ModelConfig, d.get("model")),
             optimizer=build(OptimizerConfig, d.get("optimizer")),
             train=build(TrainConfig, d.get("train")),
+            distill=build(DistillConfig, d.get("distill")),
         )
 
     def save(self, path: str) -> None:

@@ -10,7 +10,9 @@ the process' stderr (fd 2) becomes a pipe that a thread copies to the real stder
   severity info and warning, and absl's "before InitializeLog" notice;
 - on a machine with no NVIDIA device, error lines about CUDA, cuDNN, cuFFT and cuBLAS, since
   nothing there can use them;
-- oneDNN's error-severity note that int8 matmuls fall back to Eigen (quantized models).
+- oneDNN's error-severity note that int8 matmuls fall back to Eigen (quantized models);
+- TensorFlow's Python info lines (`INFO:tensorflow:Assets written to ...` when a SavedModel is
+  saved): absl's Python logging, which the pipelines run under, shows info by default.
 
 Errors, fatal messages, tracebacks, Python warnings and everything tfllm prints pass through.
 `--tf_logs` on the command line or TFLLM_TF_LOGS=1 leaves stderr untouched. A C++ fatal error
@@ -37,6 +39,7 @@ _CUDA = re.compile(rb"cuInit|CUDA|cuda|cuDNN|cuFFT|cuBLAS|GPU will not be used")
 # Logged at error severity but only a note that a fallback kernel runs (int8 matmuls of a
 # quantized model, on any CPU: the check is made even where AVX-512 is present).
 _FALLBACK_NOTICE = re.compile(rb"oneDNN supports DT_INT8 only on platforms with AVX-512\. Falling back")
+_PY_INFO = b"INFO:tensorflow:"
 _state: dict = {}
 
 
@@ -47,7 +50,7 @@ def has_nvidia_device() -> bool:
 def keep(line: bytes, gpu: bool) -> bool:
     """Whether a line written to stderr reaches the console."""
     bare = line.rstrip(b"\r\n")
-    if bare == _ABSL_NOTICE or _CONTINUATION.match(bare):
+    if bare == _ABSL_NOTICE or _CONTINUATION.match(bare) or bare.startswith(_PY_INFO):
         return False
     match = _CPP_LINE.match(line)
     if not match:

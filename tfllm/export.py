@@ -14,7 +14,6 @@ needs only `import tensorflow, tensorflow_text` to load it:
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import keras
@@ -23,19 +22,16 @@ import tensorflow as tf
 
 from tfllm import atomic, preset
 from tfllm.config import ConfigError
-from tfllm.quantize import FloatTwin, quantization_mode, reload
+from tfllm.quantize import FloatTwin, TwinServing, quantization_mode, reload
 from tfllm.restore import EXPORT_FILE
 from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
 
 
-class ServingModule(tf.Module):
-    """`model`'s variables are what the SavedModel stores. With a `twin` (int8 models), the
-    signatures compute with its float model, fed the dequantized weights once per call."""
+class ServingModule(TwinServing):
+    """The language model's signatures (see `TwinServing` for `twin`)."""
 
     def __init__(self, model: keras.Model, tokenizer: Tokenizer, context: int, twin: FloatTwin | None = None):
-        super().__init__(name="tfllm_serving")
-        self.model = model
-        self.twin = twin  # a plain object: TensorFlow does not track it, so the twin's variables stay out
+        super().__init__(model, twin, "tfllm_serving")
         self.tokenizer = tokenizer
         self.context = int(context)
         self.runner.compile(sampler=keras_hub.samplers.GreedySampler())
@@ -53,7 +49,7 @@ class ServingModule(tf.Module):
         token_ids = ids.to_tensor(default_value=PAD_ID)
         token_ids = tf.pad(token_ids, [[0, 0], [0, total - tf.shape(token_ids)[1]]], constant_values=PAD_ID)
         mask = tf.sequence_mask(lengths, total)
-        with self._weights():
+        with self.serving_weights():
             out = self.runner.generate_step({"token_ids": token_ids, "padding_mask": mask}, stop_token_ids=[EOD_ID])
         generated = out["token_ids"]
         positions = tf.range(total)[tf.newaxis, :]
@@ -63,14 +59,6 @@ class ServingModule(tf.Module):
         new = tf.ragged.boolean_mask(generated, is_new & ~after_eod)
         return {"text": self.tokenizer.detokenize(new)}
 
-    @property
-    def runner(self) -> keras.Model:
-        """The model the signatures call (a property, not an attribute, so as not to be tracked)."""
-        return self.twin.model if self.twin else self.model
-
-    def _weights(self):
-        return self.twin.scope() if self.twin else contextlib.nullcontext()
-
     def _score(self, texts):
         ids = self.tokenizer.tokenize(texts)[:, : self.context - 1]
         eod = tf.fill([tf.shape(texts)[0], 1], EOD_ID)
@@ -79,7 +67,7 @@ class ServingModule(tf.Module):
         dense = full.to_tensor(default_value=PAD_ID)
         inputs, targets = dense[:, :-1], dense[:, 1:]
         mask = tf.sequence_mask(lengths - 1, tf.shape(targets)[1])
-        with self._weights():
+        with self.serving_weights():
             logits = self.runner({"token_ids": inputs, "padding_mask": tf.ones_like(inputs, tf.bool)})
         logits = tf.cast(logits, tf.float32)
         log_probs = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)

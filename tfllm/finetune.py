@@ -4,7 +4,10 @@ export of a fine-tuned model dir.
 
 A fine-tuned model dir holds `finetune.json` (the resolved config, the class names and the
 backbone's model config), `tokenizer/` (copied from the pretrained dir), `checkpoints/` (best =
-highest validation accuracy, stored as the lowest error rate), `metrics.jsonl` and `tb/`.
+highest validation accuracy, stored as the lowest error rate), `metrics.jsonl` and `tb/`. Its
+export holds `saved_model/` (signature `classify`), `model.keras`, `tokenizer/`, `classes.json`
+and `export.json` (finetune.json's record, the checkpoint, the quantization), and evaluates and
+predicts as the model dir does.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from tfllm.classifier import (ClassifierServing, balanced_class_weights, build_c
 from tfllm.config import ConfigError, FinetuneConfig, ModelConfig
 from tfllm.export import output_dir
 from tfllm.models import build_causal_lm
-from tfllm.restore import TOKENIZER_DIR, load_trained_model, read_model_dir
+from tfllm.quantize import FloatTwin, quantize, refuse_quantized, reload
+from tfllm.restore import EXPORT_FILE, TOKENIZER_DIR, is_export, load_trained_model, read_model_dir
 from tfllm.loop import MetricsLog, Task, TrainLoop
 from tfllm.step import TrainStep, sync_state
 from tfllm.tokenizers import load_tokenizer
@@ -36,10 +40,13 @@ FINETUNE_FILE = "finetune.json"
 @dataclasses.dataclass
 class Classifier:
     model: keras.Model
-    backbone: keras.Model
+    backbone: keras.Model | None  # None for an export's model
     tokenizer: object
     classes: list[str]
     cfg: FinetuneConfig
+    record: dict  # finetune.json's
+    checkpoint: str = ""
+    quantization: str | None = None
 
 
 def _columns(cfg: FinetuneConfig) -> labelled.Columns:
@@ -235,19 +242,49 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
 
 
 def load_classifier(model_dir: str, checkpoint: str | None = "best") -> Classifier:
+    """A fine-tuned model dir's checkpoint, or the model of its export."""
+    if is_export(model_dir):
+        return _load_export(model_dir, checkpoint)
     path = os.path.join(model_dir, FINETUNE_FILE)
     if not os.path.exists(path):
         raise ConfigError(f"{model_dir}: no {FINETUNE_FILE} (not a model dir written by pipelines.finetune)")
     with open(path) as f:
         record = json.load(f)
-    cfg = FinetuneConfig.from_dict(record["config"])
     keras.mixed_precision.set_global_policy("float32")
-    backbone = build_causal_lm(ModelConfig(**record["backbone"])).backbone
-    model = build_classifier(backbone, len(record["classes"]), cfg.pooling, cfg.classifier_dropout)
+    model, backbone = _float_classifier(record)
     manager = CheckpointManager(model_dir)
-    manager.restore(manager.resolve(checkpoint if manager.best() or checkpoint != "best" else "latest"),
-                    model.variables, model_only=True)
-    return Classifier(model, backbone, load_tokenizer(os.path.join(model_dir, TOKENIZER_DIR)), record["classes"], cfg)
+    ckpt = manager.resolve(checkpoint if manager.best() or checkpoint != "best" else "latest")
+    manager.restore(ckpt, model.variables, model_only=True)
+    return Classifier(model, backbone, load_tokenizer(os.path.join(model_dir, TOKENIZER_DIR)), record["classes"],
+                      FinetuneConfig.from_dict(record["config"]), record, ckpt)
+
+
+def _float_classifier(record: dict) -> tuple[keras.Model, keras.Model]:
+    cfg = FinetuneConfig.from_dict(record["config"])
+    backbone = build_causal_lm(ModelConfig(**record["backbone"])).backbone
+    return build_classifier(backbone, len(record["classes"]), cfg.pooling, cfg.classifier_dropout), backbone
+
+
+def _load_export(export_dir: str, checkpoint: str | None) -> Classifier:
+    if checkpoint not in (None, "best", "latest"):
+        raise ConfigError(f"{export_dir} is an export, which holds one set of weights: --checkpoint={checkpoint} "
+                          "does not apply")
+    try:
+        with open(os.path.join(export_dir, EXPORT_FILE)) as f:
+            record = json.load(f)
+        record["config"], record["classes"], record["backbone"], record["checkpoint"]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{export_dir}/{EXPORT_FILE}: not an export record ({type(e).__name__}: {e})") from None
+    if record.get("kind") != "classifier":
+        raise ConfigError(f"{export_dir} is a language model's export, not a classifier's: pipelines.evaluate "
+                          "and pipelines.generate take it")
+    keras.mixed_precision.set_global_policy("float32")
+    model = keras.saving.load_model(os.path.join(export_dir, "model.keras"), compile=False)
+    if record.get("quantization") == "int8":  # computed as the SavedModel serves it
+        model = FloatTwin(model, _float_classifier(record)[0]).materialize()
+    return Classifier(model, None, load_tokenizer(os.path.join(export_dir, TOKENIZER_DIR)), record["classes"],
+                      FinetuneConfig.from_dict(record["config"]), record, record["checkpoint"],
+                      record.get("quantization"))
 
 
 def evaluate_file(clf: Classifier, path: str, batch_size: int = 64) -> dict:
@@ -267,11 +304,22 @@ def predict(clf: Classifier, texts: list[str], batch_size: int = 64) -> list[tup
     return out
 
 
-def export_classifier(clf: Classifier, out_dir: str, overwrite: bool = False) -> str:
+def export_classifier(clf: Classifier, out_dir: str, overwrite: bool = False, mode: str = "",
+                      source: str = "the classifier") -> str:
+    """Writes the export (see the module docstring), quantized to `mode` (int8, int4) if given."""
     out_dir = output_dir(out_dir, overwrite)
+    refuse_quantized(clf.quantization, source)
+    model = quantize(clf.model, mode, source) if mode else clf.model
 
     def build(tmp: str) -> None:
-        module = ClassifierServing(clf.model, clf.tokenizer, clf.classes, clf.cfg.max_length)
+        keras_file = os.path.join(tmp, "model.keras")
+        model.save(keras_file)
+        served = reload(keras_file) if mode else model
+        twin = FloatTwin(served, _float_classifier(clf.record)[0]) if mode == "int8" else None
+        module = ClassifierServing(served, clf.tokenizer, clf.classes, clf.cfg.max_length, twin)
         tf.saved_model.save(module, os.path.join(tmp, "saved_model"), signatures={"classify": module.classify})
+        clf.tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
         atomic.write_json(os.path.join(tmp, "classes.json"), clf.classes)
+        atomic.write_json(os.path.join(tmp, EXPORT_FILE), {**clf.record, "kind": "classifier",
+                                                           "checkpoint": clf.checkpoint, "quantization": mode or None})
     return atomic.build_dir(out_dir, build)

@@ -13,9 +13,9 @@ from absl import flags
 
 from tfllm import preset
 from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, WEIGHT_INITS, Config, ConfigError, DataConfig,
-                          FinetuneConfig, ModelConfig, OptimizerConfig, TrainConfig)
+                          DistillConfig, FinetuneConfig, ModelConfig, OptimizerConfig, TrainConfig)
 from tfllm.generate import STRATEGIES, SamplingConfig
-from tfllm.restore import CONFIG_FILE
+from tfllm.restore import CONFIG_FILE, TOKENIZER_DIR, read_model_dir
 
 FLAGS = flags.FLAGS
 _D, _M, _O, _T, _S = DataConfig(), ModelConfig(), OptimizerConfig(), TrainConfig(), SamplingConfig()
@@ -147,6 +147,39 @@ def define_train_flags() -> None:
     flags.DEFINE_float("clip_norm", _O.clip_norm, "Global-norm clipping of the averaged gradient (0: off).")
     flags.DEFINE_bool("scale_lr_with_world_size", _O.scale_lr_with_world_size,
                       "Multiply learning rates by the number of ranks (linear scaling rule).")
+
+
+@_once
+def define_distill_flags() -> None:
+    """Distillation; with the student's model, data and run flags of `define_train_flags`."""
+    d = DistillConfig()
+    flags.DEFINE_string("teacher_dir", d.teacher_dir, "Pretraining model dir of the teacher (its latest checkpoint). "
+                        "Its prepared data is the student's unless --data_dir is given; new data is tokenized with its tokenizer.")
+    flags.DEFINE_float("distill_temperature", d.temperature, "Softmax temperature of both teacher and student in the "
+                       "KL term (its gradient is scaled by temperature^2).")
+    flags.DEFINE_float("distill_alpha", d.alpha, "Weight of the KL term; 1 - alpha weighs the hard next-token loss.")
+
+
+def distill_config_from_flags() -> Config:
+    """The student's run. Without --data_dir its data is the teacher's prepared data, whatever data flags
+    a shared flagfile sets: the same windows, tokenizer and validation split as the teacher's."""
+    cfg = config_from_flags()
+    cfg.distill = DistillConfig(teacher_dir=FLAGS.teacher_dir, temperature=FLAGS.distill_temperature,
+                                alpha=FLAGS.distill_alpha)
+    if not cfg.distill.teacher_dir:
+        raise ConfigError("--teacher_dir is required: the pretraining model dir of the teacher")
+    try:
+        teacher, _ = read_model_dir(cfg.distill.teacher_dir)
+    except ConfigError as e:
+        raise ConfigError(f"--teacher_dir: {e}") from None
+    if not FLAGS["data_dir"].present:
+        cfg.data = dataclasses.replace(teacher.data, overwrite=False)
+        if not FLAGS["max_sequence_length"].present:
+            cfg.model.max_sequence_length = cfg.data.seq_len
+    data_dir = cfg.data.data_dir or os.path.join(cfg.train.model_dir, "data")
+    if not os.path.exists(os.path.join(data_dir, "manifest.json")):  # new data: tokenized as the teacher's was
+        cfg.data.tokenizer_dir = cfg.data.tokenizer_dir or os.path.join(cfg.distill.teacher_dir, TOKENIZER_DIR)
+    return cfg
 
 
 @_once

@@ -23,10 +23,12 @@ while the call runs. int4 keeps Keras's own layers (two weights per byte, unpack
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from tfllm.config import ConfigError
 
@@ -120,6 +122,25 @@ class FloatTwin:
         for variable, value in self.values():
             variable.assign(value)
         return self.model
+
+
+class TwinServing(tf.Module):
+    """Base of the serving modules: `model`'s variables are what the SavedModel stores. With a
+    `twin` (int8 models) the signatures compute with its float model, fed the dequantized weights
+    once per call: `with self.serving_weights(): self.runner(...)`."""
+
+    def __init__(self, model: keras.Model, twin: FloatTwin | None, name: str):
+        super().__init__(name=name)
+        self.model = model
+        self.twin = twin  # a plain object: TensorFlow does not track it, so the twin's variables stay out
+
+    @property
+    def runner(self) -> keras.Model:
+        """The model the signatures call (a property, not an attribute, so as not to be tracked)."""
+        return self.twin.model if self.twin else self.model
+
+    def serving_weights(self):
+        return self.twin.scope() if self.twin else contextlib.nullcontext()
 
 
 def weight_bytes(model: keras.Model) -> int:

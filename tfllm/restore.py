@@ -58,8 +58,11 @@ def load_export(export_dir: str, checkpoint: str | None = "latest") -> TrainedMo
     try:
         with open(os.path.join(export_dir, EXPORT_FILE)) as f:
             record = json.load(f)
+        if record.get("kind") == "classifier":
+            raise ConfigError(f"{export_dir} is a classifier's export: pipelines.finetune --mode=evaluate or "
+                              "--mode=predict takes it")
         record["config"], record["step"], record["checkpoint"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{export_dir}/{EXPORT_FILE}: not an export record ({type(e).__name__}: {e})") from None
     keras.mixed_precision.set_global_policy("float32")
     cfg = Config.from_dict(record["config"])

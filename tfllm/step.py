@@ -30,14 +30,14 @@ from tfllm import distributed
 from tfllm.models import lm_loss_sums
 from tfllm.segments import Chain, plan_buckets
 
-STAT_LOSS, STAT_CORRECT, STAT_TOKENS, STAT_STOP = range(4)
+STAT_LOSS, STAT_CORRECT, STAT_TOKENS = range(3)
 
 
 class TrainStep:
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, batch_size: int, seq_len: int,
                  grad_accum_steps: int = 1, clip_norm: float = 0.0, jit_compile: bool = False,
                  fp16_allreduce: bool = False, loss_fn=lm_loss_sums, variables=None, parallel_slices: int = 1,
-                 allreduce_buckets: int = 1, chain: Chain | None = None):
+                 allreduce_buckets: int = 1, chain: Chain | None = None, extra_stats: tuple[str, ...] = ()):
         if parallel_slices < 1 or batch_size % parallel_slices:
             raise ValueError(f"batch size {batch_size} does not split into {parallel_slices} parallel slices")
         if allreduce_buckets > 1 and chain is None:
@@ -50,7 +50,10 @@ class TrainStep:
         self.grad_accum_steps = int(grad_accum_steps)
         self.clip_norm = float(clip_norm)
         self.fp16_allreduce = fp16_allreduce
+        # loss_fn returns (loss_sum, correct, tokens, *extra sums); the extra sums are averaged per
+        # token like the loss and reported under these names (distillation's parts of its objective).
         self.loss_fn = loss_fn
+        self.extra_stats = tuple(extra_stats)
         # Every micro-batch's gradient is divided by this constant; the exact global token
         # count corrects for it after the allreduce.
         self.tokens_per_micro_batch = float(batch_size * seq_len)
@@ -79,9 +82,9 @@ class TrainStep:
 
     def _micro_batch_grads(self, windows):
         with tf.GradientTape() as tape:
-            loss_sum, correct, tokens = self.loss_fn(self.model, windows, training=True)
-            objective = self.objective(loss_sum)
-        return self._dense(tape.gradient(objective, self.variables)), tf.stack([loss_sum, correct, tokens])
+            sums = self.loss_fn(self.model, windows, training=True)
+            objective = self.objective(sums[STAT_LOSS])
+        return self._dense(tape.gradient(objective, self.variables)), tf.stack(sums)
 
     def objective(self, loss_sum):
         objective = loss_sum / self.tokens_per_micro_batch
@@ -140,7 +143,8 @@ class TrainStep:
             # and elastic mode changes it.
             "tokens": mean_stats[STAT_TOKENS] * self.tokens_per_micro_batch * world_size,
             "grad_norm": norm / scale,
-            "stop": mean_stats[STAT_STOP],
+            "stop": mean_stats[-1],  # the stop request rides last
+            **{name: mean_stats[STAT_TOKENS + 1 + i] / mean_tokens for i, name in enumerate(self.extra_stats)},
         }
 
     def _step(self, micro_batches, stop_requested, world_size):
@@ -200,8 +204,8 @@ class _Segment:
             hidden = unit.call(hidden, windows, True)
         if not self.top:
             return hidden
-        loss_sum, correct, count = self.step.chain.sums(hidden, windows)
-        return self.step.objective(loss_sum), tf.stack([loss_sum, correct, count])
+        sums = self.step.chain.sums(hidden, windows)
+        return self.step.objective(sums[STAT_LOSS]), tf.stack(sums)
 
 
 def sync_state(model: keras.Model, optimizer: keras.optimizers.Optimizer | None = None, root: int = 0) -> None:

@@ -18,7 +18,7 @@ import time
 import keras
 import tensorflow as tf
 
-from tfllm import atomic, distributed, preset
+from tfllm import atomic, distill, distributed, preset
 from tfllm.checkpoint import CheckpointError, CheckpointManager
 from tfllm.config import Config, ConfigError, OptimizerConfig, model_mismatch
 from tfllm.data.corpus import CorpusError
@@ -29,7 +29,7 @@ from tfllm.evaluate import evaluate, make_eval_fn
 from tfllm.generate import SamplingConfig, generate_text
 from tfllm.loop import LoopState, MetricsLog, Task, TrainLoop, current_lr
 from tfllm.malloc import active_allocator
-from tfllm.models import build_causal_lm, count_params, flops_per_token, lm_chain, perplexity
+from tfllm.models import build_causal_lm, count_params, flops_per_token, lm_chain, lm_loss_sums, perplexity
 from tfllm.profiler import StepProfiler
 from tfllm.restore import CONFIG_FILE, TOKENIZER_DIR
 from tfllm.step import TrainStep, sync_state
@@ -207,13 +207,18 @@ class LanguageModelTask(Task):
         return self.step_fn
 
     def scalars(self, loop, metrics):
-        return {"loss": metrics["loss"], "perplexity": perplexity(metrics["loss"]), "accuracy": metrics["accuracy"],
+        # Distilling, `loss` stays the next-token loss, comparable with any run's (and with val_loss);
+        # the objective that is differentiated and its KL part get tags of their own.
+        loss = metrics.get("hard_loss", metrics["loss"])
+        extra = {"distill/objective": metrics["loss"], "distill/kl": metrics["kl"]} if "kl" in metrics else {}
+        return {"loss": loss, "perplexity": perplexity(loss), "accuracy": metrics["accuracy"],
                 "learning_rate": current_lr(loop.optimizer), "grad_norm": metrics["grad_norm"],
-                "tokens_seen": loop.state.tokens_seen}
+                "tokens_seen": loop.state.tokens_seen, **extra}
 
     def log_line(self, step, metrics, scalars, perf):
         mfu = f" | MFU {perf['mfu']:.1%}" if "mfu" in perf else f" | {perf['model_flops_per_sec'] / 1e9:.1f} GFLOP/s"
-        return (f"step {step}/{self.tcfg.train_steps} | loss {metrics['loss']:.4f} | lr {scalars['learning_rate']:.2e} | "
+        kl = f" | kl {scalars['distill/kl']:.4f}" if "distill/kl" in scalars else ""
+        return (f"step {step}/{self.tcfg.train_steps} | loss {scalars['loss']:.4f}{kl} | lr {scalars['learning_rate']:.2e} | "
                 f"gnorm {metrics['grad_norm']:.3f} | {perf['tokens_per_sec']:,.0f} tok/s | "
                 f"{perf['step_time_ms']:.1f} ms/step{mfu}")
 
@@ -328,15 +333,21 @@ def pretrain(cfg: Config, log=print) -> dict:
     keras.mixed_precision.set_global_policy(tcfg.precision)
     keras.utils.set_random_seed(tcfg.seed)
     model = build_causal_lm(cfg.model)
+    teacher, loss = None, {"loss_fn": lm_loss_sums, "chain": lm_chain(model)}
+    if cfg.distill.teacher_dir:  # built after the student, whose initialisation stays that of its seed
+        teacher = distill.load_teacher(cfg.distill.teacher_dir, *agree(
+            lambda: distill.check_teacher(cfg.distill, cfg.data.data_dir, seq_len)))
+        objective = distill.DistillationLoss(teacher.model, cfg.distill)
+        loss = {"loss_fn": objective, "chain": objective.chain(model), "extra_stats": objective.STATS}
     optimizer = make_optimizer(cfg.optimizer, tcfg.train_steps, world.size, model, tcfg.precision, tcfg.elastic)
     step_fn = TrainStep(model, optimizer, tcfg.batch_size, seq_len, tcfg.grad_accum_steps, cfg.optimizer.clip_norm,
                         tcfg.jit_compile, tcfg.fp16_allreduce, parallel_slices=tcfg.parallel_slices,
-                        allreduce_buckets=tcfg.allreduce_buckets, chain=lm_chain(model))
+                        allreduce_buckets=tcfg.allreduce_buckets, **loss)
     step_fn.build()  # the optimizer's variables exist before any restore, sync or elastic state
     ckpts = CheckpointManager(tcfg.model_dir, keep=tcfg.keep_checkpoints)
     global_batch = tcfg.batch_size * tcfg.grad_accum_steps * world.size
     n_params = count_params(model)
-    fpt = flops_per_token(cfg.model, seq_len, n_params)
+    fpt = flops_per_token(cfg.model, seq_len, n_params) + (teacher.forward_flops_per_token(seq_len) if teacher else 0)
     device, peak = device_peak_flops()
     metrics_log = MetricsLog(tcfg.model_dir, tcfg.log_every, say, fpt, peak)
     loop = TrainLoop(None, model, optimizer, ckpts, metrics_log,
@@ -371,12 +382,15 @@ def pretrain(cfg: Config, log=print) -> dict:
         metrics_log.writer.hparams({**{f"model.{k}": v for k, v in vars(cfg.model).items()},
                                     "batch_size": tcfg.batch_size, "global_batch": global_batch,
                                     "learning_rate": cfg.optimizer.learning_rate, "precision": tcfg.precision,
-                                    "world_size": world.size, "tokenizer": manifest["tokenizer"]["kind"]})
+                                    "world_size": world.size, "tokenizer": manifest["tokenizer"]["kind"],
+                                    **({f"distill.{k}": v for k, v in vars(cfg.distill).items()} if teacher else {})})
     mode = f"elastic, commit every {tcfg.elastic_commit_every} steps" if tcfg.elastic else world.backend
     say(f"model {cfg.model.family}: {n_params:,} parameters, {fpt:,} FLOPs/token; data {train_ds.num_windows:,} "
         f"train windows of {seq_len}; world {world.size} ({mode}{': ' + world.placement() if world.hosts and world.size > 1 else ''}); "
         f"device {device}; global batch {global_batch} x {seq_len} tokens; "
         f"{step_fn.allreduce_buckets} allreduce bucket{'s' if step_fn.allreduce_buckets > 1 else ''}; malloc {active_allocator()}")
+    if teacher:
+        say(f"distilling from {teacher.describe(cfg.distill)}")
 
     if tcfg.elastic:
         batches = GlobalBatches(GlobalOrder(train_ds, tcfg.seed), tcfg.batch_size, tcfg.grad_accum_steps, tcfg.sample_log)
