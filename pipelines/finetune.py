@@ -54,14 +54,14 @@ def main(argv):
 
     if FLAGS.init_preset:  # a pretraining flag that fine-tuning would otherwise silently ignore
         raise ConfigError("--init_preset starts pretraining runs; fine-tuning starts from --pretrained_dir")
+    if FLAGS.quantize and FLAGS.mode != "export":
+        raise ConfigError("--quantize applies to --mode=export")
     if FLAGS.mode == "train":
         result = finetune.finetune(finetune_config_from_flags())
     else:
         if not FLAGS.model_dir:
             raise ConfigError("--model_dir is required")
         distributed.init()
-        if FLAGS.quantize and FLAGS.mode != "export":
-            raise ConfigError("--quantize applies to --mode=export")
         if FLAGS.mode == "export":
             if not FLAGS.export_dir:
                 raise ConfigError("--export_dir is required")

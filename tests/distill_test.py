@@ -88,14 +88,15 @@ def val_loss(proc) -> float:
 def test_student_beats_the_same_student_from_scratch(teacher, tmp_path, launcher):
     data_dir = teacher.parent / "data"
     scratch = val_loss(pretrain(tmp_path / "scratch", *STUDENT, launcher=launcher, data_dir=data_dir))
-    if launcher == "none":
-        student = distill(teacher, tmp_path / "student", *STUDENT)
+    if launcher == "none":  # on data of its own, prepared with the teacher's tokenizer: the same windows
+        student = distill(teacher, tmp_path / "student", *STUDENT, f"--data_dir={tmp_path / 'data'}")
     else:  # in two runs: a distilled student resumes like any other
         first = distill(teacher, tmp_path / "student", *STUDENT, "--stop_after=30", launcher=launcher)
         assert "stopped after 30 steps at step 30" in first.stdout
         student = distill(teacher, tmp_path / "student", *STUDENT, launcher=launcher)
         assert "resumed from step 30" in student.stdout
     distilled = val_loss(student)
+    # Deterministic runs; the margins seen: 2.7158 - 2.6964 at 1 rank, about 0.01 at 2 ranks.
     assert distilled < scratch, (distilled, scratch)
     assert f"distilling from {teacher} (2 layers" in student.stdout
     records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
@@ -105,7 +106,21 @@ def test_student_beats_the_same_student_from_scratch(teacher, tmp_path, launcher
     assert last["distill/kl"] > 0
     assert last["distill/objective"] == pytest.approx(0.5 * last["loss"] + 0.5 * last["distill/kl"], rel=1e-3)
     saved = json.loads((tmp_path / "student" / "config.json").read_text())
-    assert saved["distill"]["teacher_dir"] == str(teacher) and saved["data"]["data_dir"] == str(data_dir)
+    assert saved["distill"]["teacher_dir"] == str(teacher)
+    assert saved["distill"]["checkpoint"] == str(teacher / "checkpoints" / "ckpt-00000200")
+    if launcher == "gloo":
+        assert saved["data"]["data_dir"] == str(data_dir)
+        return
+    assert saved["data"]["tokenizer_dir"] == str(teacher / "tokenizer")
+    # A rerun finds its prepared data as it was and its teacher as it was, and refuses another objective.
+    other = distill(teacher, tmp_path / "student", *STUDENT, f"--data_dir={tmp_path / 'data'}",
+                    "--distill_temperature=2", check=False)
+    assert other.returncode == 1 and other.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'student'} was distilled from --teacher_dir={teacher} with --distill_temperature=1 "
+        "--distill_alpha=0.5; rerun with those or use another --model_dir")
+    plain = pretrain(tmp_path / "student", *STUDENT, f"--tokenizer_dir={teacher / 'tokenizer'}",
+                     data_dir=tmp_path / "data", check=False)
+    assert plain.returncode == 1 and "resume it with pipelines.distill" in plain.stderr.strip().splitlines()[-1]
 
 
 def test_bad_teachers_are_one_line_errors(teacher, tmp_path):
@@ -116,7 +131,11 @@ def test_bad_teachers_are_one_line_errors(teacher, tmp_path):
     shutil.copy(teacher / "config.json", no_checkpoints)
     shutil.copytree(teacher / "tokenizer", no_checkpoints / "tokenizer")
     ByteTokenizer().save(str(tmp_path / "bytes"))
+    an_export = tmp_path / "export"
+    an_export.mkdir()
+    (an_export / "export.json").write_text("{}")
     cases = [
+        ([], f"--teacher_dir={an_export} is an export", an_export),
         ([], f"--teacher_dir={no_checkpoints}: no checkpoint to learn from", no_checkpoints),
         ([f"--data_dir={tmp_path / 'byte_data'}", f"--tokenizer_dir={tmp_path / 'bytes'}"],
          "is not the data's (byte, 259 tokens", teacher),
@@ -128,7 +147,7 @@ def test_bad_teachers_are_one_line_errors(teacher, tmp_path):
         proc = distill(teacher_dir, tmp_path / "student", *STUDENT, *extra, check=False)
         lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
         assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], (extra, proc.stderr[-1500:])
-        assert not (tmp_path / "student" / "checkpoints").exists()
+        assert not (tmp_path / "student").exists() and not (tmp_path / "byte_data").exists()
     before = {p.name: p.stat().st_mtime_ns for p in teacher.rglob("*")}
     proc = distill(teacher, teacher, check=False)
     assert proc.returncode == 1 and "the student needs a model dir of its own" in proc.stderr.splitlines()[-1]

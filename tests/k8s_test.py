@@ -352,7 +352,7 @@ def test_serving_manifest_validates_and_matches_the_other_pods():
     assert re.fullmatch(r"tensorflow/serving:\d+\.\d+\.\d+", container["image"])
     args = dict(a.lstrip("-").split("=", 1) for a in container["args"])
     assert args["model_base_path"].startswith("/data/") and args["xla_cpu_compilation_enabled"] == "true"
-    assert container["readinessProbe"]["httpGet"]["path"] == f"/v1/models/{args['model_name']}"
+    assert container["readinessProbe"]["httpGet"]["path"] == f"/v1/models/{args['model_name']}/metadata"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": int(args["port"]), "http": int(args["rest_api_port"])}
     assert container["readinessProbe"]["httpGet"]["port"] == "http"

@@ -213,11 +213,12 @@ class DistillConfig:
     # tiny students learned less at 2 (README, "Distillation").
     temperature: float = 1.0
     alpha: float = 0.5  # weight of the KL term; 1 - alpha weighs the hard next-token loss
+    checkpoint: str = ""  # the teacher checkpoint learned from, fixed at the run's first start
 
     def validate(self) -> None:
         if not self.teacher_dir:
             return
-        if not self.temperature > 0:
+        if not 0 < self.temperature < float("inf"):
             raise ConfigError(f"--distill_temperature={self.temperature}: must be positive")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"--distill_alpha={self.alpha}: must be in [0, 1]")
@@ -237,7 +238,7 @@ class Config:
         self.optimizer.validate()
         self.train.validate()
         self.distill.validate()
-        if self.distill.teacher_dir and os.path.abspath(self.distill.teacher_dir) == os.path.abspath(self.train.model_dir):
+        if self.distill.teacher_dir and os.path.realpath(self.distill.teacher_dir) == os.path.realpath(self.train.model_dir):
             raise ConfigError(f"--teacher_dir and --model_dir are both {self.train.model_dir}: the student needs a "
                               "model dir of its own")
         if self.train.elastic_global_batch and self.optimizer.scale_lr_with_world_size:

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from tfllm import atomic, preset
 from tfllm.config import ConfigError
-from tfllm.quantize import FloatTwin, TwinServing, quantization_mode, reload
+from tfllm.quantize import FloatTwin, TwinServing, quantization_mode, save_for_serving
 from tfllm.restore import EXPORT_FILE
 from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
 
@@ -94,11 +94,8 @@ def export(model: keras.Model, tokenizer: Tokenizer, context: int, out_dir: str,
         raise ValueError("an int8 export needs float_twin (a float model of the same architecture)")
 
     def build(tmp: str) -> None:
-        keras_file = os.path.join(tmp, "model.keras")
-        model.save(keras_file)
+        served, twin = save_for_serving(model, os.path.join(tmp, "model.keras"), lambda: float_twin)
         preset.save(model, tokenizer, os.path.join(tmp, "preset"))
-        served = reload(keras_file) if mode else model
-        twin = FloatTwin(served, float_twin) if mode == "int8" else None
         module = ServingModule(served, tokenizer, context, twin)
         tf.saved_model.save(module, os.path.join(tmp, "saved_model"),
                             signatures={"generate": module.generate, "score": module.score})

@@ -27,8 +27,9 @@ from tfllm.classifier import (ClassifierServing, balanced_class_weights, build_c
 from tfllm.config import ConfigError, FinetuneConfig, ModelConfig
 from tfllm.export import output_dir
 from tfllm.models import build_causal_lm
-from tfllm.quantize import FloatTwin, quantize, refuse_quantized, reload
-from tfllm.restore import EXPORT_FILE, TOKENIZER_DIR, is_export, load_trained_model, read_model_dir
+from tfllm.quantize import quantize, refuse_quantized, save_for_serving
+from tfllm.restore import (EXPORT_FILE, TOKENIZER_DIR, is_export, load_export_model, load_trained_model,
+                           read_export_record, read_model_dir)
 from tfllm.loop import MetricsLog, Task, TrainLoop
 from tfllm.step import TrainStep, sync_state
 from tfllm.tokenizers import load_tokenizer
@@ -266,22 +267,8 @@ def _float_classifier(record: dict) -> tuple[keras.Model, keras.Model]:
 
 
 def _load_export(export_dir: str, checkpoint: str | None) -> Classifier:
-    if checkpoint not in (None, "best", "latest"):
-        raise ConfigError(f"{export_dir} is an export, which holds one set of weights: --checkpoint={checkpoint} "
-                          "does not apply")
-    try:
-        with open(os.path.join(export_dir, EXPORT_FILE)) as f:
-            record = json.load(f)
-        record["config"], record["classes"], record["backbone"], record["checkpoint"]
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ConfigError(f"{export_dir}/{EXPORT_FILE}: not an export record ({type(e).__name__}: {e})") from None
-    if record.get("kind") != "classifier":
-        raise ConfigError(f"{export_dir} is a language model's export, not a classifier's: pipelines.evaluate "
-                          "and pipelines.generate take it")
-    keras.mixed_precision.set_global_policy("float32")
-    model = keras.saving.load_model(os.path.join(export_dir, "model.keras"), compile=False)
-    if record.get("quantization") == "int8":  # computed as the SavedModel serves it
-        model = FloatTwin(model, _float_classifier(record)[0]).materialize()
+    record = read_export_record(export_dir, checkpoint, "classifier", "best")
+    model = load_export_model(export_dir, record, lambda: _float_classifier(record)[0])
     return Classifier(model, None, load_tokenizer(os.path.join(export_dir, TOKENIZER_DIR)), record["classes"],
                       FinetuneConfig.from_dict(record["config"]), record, record["checkpoint"],
                       record.get("quantization"))
@@ -312,10 +299,7 @@ def export_classifier(clf: Classifier, out_dir: str, overwrite: bool = False, mo
     model = quantize(clf.model, mode, source) if mode else clf.model
 
     def build(tmp: str) -> None:
-        keras_file = os.path.join(tmp, "model.keras")
-        model.save(keras_file)
-        served = reload(keras_file) if mode else model
-        twin = FloatTwin(served, _float_classifier(clf.record)[0]) if mode == "int8" else None
+        served, twin = save_for_serving(model, os.path.join(tmp, "model.keras"), lambda: _float_classifier(clf.record)[0])
         module = ClassifierServing(served, clf.tokenizer, clf.classes, clf.cfg.max_length, twin)
         tf.saved_model.save(module, os.path.join(tmp, "saved_model"), signatures={"classify": module.classify})
         clf.tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))

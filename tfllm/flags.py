@@ -15,7 +15,7 @@ from tfllm import preset
 from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, WEIGHT_INITS, Config, ConfigError, DataConfig,
                           DistillConfig, FinetuneConfig, ModelConfig, OptimizerConfig, TrainConfig)
 from tfllm.generate import STRATEGIES, SamplingConfig
-from tfllm.restore import CONFIG_FILE, TOKENIZER_DIR, read_model_dir
+from tfllm.restore import CONFIG_FILE
 
 FLAGS = flags.FLAGS
 _D, _M, _O, _T, _S = DataConfig(), ModelConfig(), OptimizerConfig(), TrainConfig(), SamplingConfig()
@@ -161,25 +161,14 @@ def define_distill_flags() -> None:
 
 
 def distill_config_from_flags() -> Config:
-    """The student's run. Without --data_dir its data is the teacher's prepared data, whatever data flags
-    a shared flagfile sets: the same windows, tokenizer and validation split as the teacher's."""
+    """The student's run (its data: `tfllm.distill.student_config`)."""
+    from tfllm.distill import student_config
+
     cfg = config_from_flags()
     cfg.distill = DistillConfig(teacher_dir=FLAGS.teacher_dir, temperature=FLAGS.distill_temperature,
                                 alpha=FLAGS.distill_alpha)
-    if not cfg.distill.teacher_dir:
-        raise ConfigError("--teacher_dir is required: the pretraining model dir of the teacher")
-    try:
-        teacher, _ = read_model_dir(cfg.distill.teacher_dir)
-    except ConfigError as e:
-        raise ConfigError(f"--teacher_dir: {e}") from None
-    if not FLAGS["data_dir"].present:
-        cfg.data = dataclasses.replace(teacher.data, overwrite=False)
-        if not FLAGS["max_sequence_length"].present:
-            cfg.model.max_sequence_length = cfg.data.seq_len
-    data_dir = cfg.data.data_dir or os.path.join(cfg.train.model_dir, "data")
-    if not os.path.exists(os.path.join(data_dir, "manifest.json")):  # new data: tokenized as the teacher's was
-        cfg.data.tokenizer_dir = cfg.data.tokenizer_dir or os.path.join(cfg.distill.teacher_dir, TOKENIZER_DIR)
-    return cfg
+    return student_config(cfg, data_dir_given=FLAGS["data_dir"].present,
+                          context_given=FLAGS["max_sequence_length"].present)
 
 
 @_once

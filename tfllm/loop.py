@@ -200,7 +200,7 @@ class TrainLoop:
                                 f"the last good checkpoint is {self.checkpoints.latest() or 'none'}")
         self.state.tokens_seen += metrics.get("tokens", 0.0)
         self.log.step(metrics, time.perf_counter() - started, self.state.step - self.start_step > WARMUP_STEPS)
-        self.losses.append(metrics["loss"])
+        self.losses.append(metrics.get("hard_loss", metrics["loss"]))  # distilling: the next-token loss
         return metrics
 
     def run(self, end: int, after_step=None) -> bool:

@@ -75,6 +75,15 @@ def reload(keras_file: str) -> keras.Model:
     return keras.saving.load_model(keras_file, compile=False)
 
 
+def save_for_serving(model: keras.Model, keras_file: str, float_model) -> tuple[keras.Model, "FloatTwin | None"]:
+    """Saves `model` to `keras_file`; returns the model a SavedModel should trace (a quantized one
+    as `reload` sees it) and, for int8, its float twin, which `float_model()` builds."""
+    model.save(keras_file)
+    mode = quantization_mode(model)
+    served = reload(keras_file) if mode else model
+    return served, (FloatTwin(served, float_model()) if mode == "int8" else None)
+
+
 class FloatTwin:
     """Serves a quantized model at float speed: a float model of the same architecture whose every
     weight is computed, once per call of a serving function, from the quantized model's int8

@@ -50,27 +50,49 @@ def is_export(path: str) -> bool:
     return bool(path) and os.path.exists(os.path.join(path, EXPORT_FILE))
 
 
-def load_export(export_dir: str, checkpoint: str | None = "latest") -> TrainedModel:
-    """The model an export holds, from its model.keras (quantized layers included)."""
-    if checkpoint not in (None, "latest"):
+_EXPORT_KINDS = {  # what each kind of export's record holds, and which pipelines take it
+    "language_model": (("config", "step", "checkpoint"), "pipelines.evaluate and pipelines.generate take it"),
+    "classifier": (("config", "classes", "backbone", "checkpoint"),
+                   "pipelines.finetune --mode=evaluate or --mode=predict takes it"),
+}
+
+
+def read_export_record(export_dir: str, checkpoint: str | None, kind: str, default: str) -> dict:
+    """An export's export.json, checked to be of `kind`; `checkpoint` may only be None or the
+    pipeline's `default` (an export holds one set of weights)."""
+    if checkpoint not in (None, default):
         raise ConfigError(f"{export_dir} is an export, which holds one set of weights: --checkpoint={checkpoint} "
                           f"does not apply")
     try:
         with open(os.path.join(export_dir, EXPORT_FILE)) as f:
             record = json.load(f)
-        if record.get("kind") == "classifier":
-            raise ConfigError(f"{export_dir} is a classifier's export: pipelines.finetune --mode=evaluate or "
-                              "--mode=predict takes it")
-        record["config"], record["step"], record["checkpoint"]
+        found = record.get("kind", "language_model")  # exports before classifiers had one carry no kind
+        if found != kind:
+            raise ConfigError(f"{export_dir} is a {found.replace('_', ' ')}'s export: {_EXPORT_KINDS[found][1]}")
+        for key in _EXPORT_KINDS[kind][0]:
+            record[key]
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{export_dir}/{EXPORT_FILE}: not an export record ({type(e).__name__}: {e})") from None
+    return record
+
+
+def load_export_model(export_dir: str, record: dict, float_model) -> keras.Model:
+    """An export's model.keras; an int8 one as its SavedModel computes it, through the float twin
+    that `float_model()` builds."""
     keras.mixed_precision.set_global_policy("float32")
-    cfg = Config.from_dict(record["config"])
     model = keras.saving.load_model(os.path.join(export_dir, "model.keras"), compile=False)
-    if record.get("quantization") == "int8":  # computed as the SavedModel serves it
+    if record.get("quantization") == "int8":
         from tfllm.quantize import FloatTwin
 
-        model = FloatTwin(model, build_causal_lm(cfg.model)).materialize()
+        model = FloatTwin(model, float_model()).materialize()
+    return model
+
+
+def load_export(export_dir: str, checkpoint: str | None = "latest") -> TrainedModel:
+    """The model a language model's export holds (quantized layers included)."""
+    record = read_export_record(export_dir, checkpoint, "language_model", "latest")
+    cfg = Config.from_dict(record["config"])
+    model = load_export_model(export_dir, record, lambda: build_causal_lm(cfg.model))
     tokenizer = load_tokenizer(os.path.join(export_dir, TOKENIZER_DIR))
     return TrainedModel(model, tokenizer, cfg, record["checkpoint"], record["step"], record.get("quantization"))
 

@@ -120,6 +120,9 @@ def check_model_dir(cfg: Config) -> None:
     path = os.path.join(cfg.train.model_dir, CONFIG_FILE)
     if os.path.exists(path):
         saved = Config.load(path)
+        if saved.distill.teacher_dir and not cfg.distill.teacher_dir:
+            raise ConfigError(f"{cfg.train.model_dir} was distilled from {saved.distill.teacher_dir}: resume it "
+                              f"with pipelines.distill --teacher_dir={saved.distill.teacher_dir}")
         diffs = model_mismatch(saved.model, cfg.model)
         if diffs:
             raise CheckpointError(f"{cfg.train.model_dir} holds a different model ({'; '.join(diffs)}); "
@@ -335,8 +338,8 @@ def pretrain(cfg: Config, log=print) -> dict:
     model = build_causal_lm(cfg.model)
     teacher, loss = None, {"loss_fn": lm_loss_sums, "chain": lm_chain(model)}
     if cfg.distill.teacher_dir:  # built after the student, whose initialisation stays that of its seed
-        teacher = distill.load_teacher(cfg.distill.teacher_dir, *agree(
-            lambda: distill.check_teacher(cfg.distill, cfg.data.data_dir, seq_len)))
+        teacher_cfg, cfg.distill.checkpoint = agree(lambda: distill.check_teacher(cfg, seq_len))
+        teacher = distill.load_teacher(cfg.distill.teacher_dir, teacher_cfg, cfg.distill.checkpoint)
         objective = distill.DistillationLoss(teacher.model, cfg.distill)
         loss = {"loss_fn": objective, "chain": objective.chain(model), "extra_stats": objective.STATS}
     optimizer = make_optimizer(cfg.optimizer, tcfg.train_steps, world.size, model, tcfg.precision, tcfg.elastic)

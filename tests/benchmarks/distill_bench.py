@@ -46,14 +46,17 @@ def main() -> None:
     a = parser.parse_args()
     run_dir = pathlib.Path(a.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    teacher = run_dir / "teacher"
+    # Each run's name carries what sets it apart, so that a reused run is the one asked for.
+    teacher = run_dir / f"teacher-{a.teacher_layers}l"
+    scratch = f"scratch-{a.student_layers}l"
+    distilled = f"student-{a.student_layers}l-from-{a.teacher_layers}l-T{a.temperature:g}-a{a.alpha:g}"
     student = [FLAGFILE, f"--num_layers={a.student_layers}"]
     results = {
-        "teacher": train("teacher", ["pipelines.pretrain", FLAGFILE, f"--num_layers={a.teacher_layers}",
-                                     f"--model_dir={teacher}"], run_dir),
-        "scratch": train("scratch", ["pipelines.pretrain", *student, f"--model_dir={run_dir / 'scratch'}",
-                                     f"--data_dir={teacher / 'data'}"], run_dir),
-        "student": train("student", ["pipelines.distill", *student, f"--model_dir={run_dir / 'student'}",
+        "teacher": train(teacher.name, ["pipelines.pretrain", FLAGFILE, f"--num_layers={a.teacher_layers}",
+                                        f"--model_dir={teacher}"], run_dir),
+        "scratch": train(scratch, ["pipelines.pretrain", *student, f"--model_dir={run_dir / scratch}",
+                                   f"--data_dir={teacher / 'data'}"], run_dir),
+        "student": train(distilled, ["pipelines.distill", *student, f"--model_dir={run_dir / distilled}",
                                      f"--teacher_dir={teacher}", f"--distill_temperature={a.temperature}",
                                      f"--distill_alpha={a.alpha}"], run_dir),
     }
