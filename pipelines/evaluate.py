@@ -45,7 +45,7 @@ def main(argv):
     trained = load_trained_model(FLAGS.model_dir, FLAGS.checkpoint)
     seq_len = trained.config.data.seq_len
     if FLAGS.text_file:
-        dataset, name = TextWindows(FLAGS.text_file, trained.tokenizer, seq_len), "text"
+        dataset, name = TextWindows(FLAGS.text_file, trained.tokenizer, seq_len, trained.config.data.clean), "text"
     else:
         data_dir = FLAGS.data_dir or trained.config.data.data_dir
         dataset, name = WindowDataset(data_dir, FLAGS.split), FLAGS.split

@@ -66,7 +66,7 @@ def main(argv):
     # int8 serves through a float twin of the architecture (see tfllm/quantize.py: FloatTwin).
     twin = build_causal_lm(trained.config.model) if FLAGS.quantize == "int8" else None
     out = export(model, trained.tokenizer, trained.config.model.max_sequence_length, FLAGS.output_dir,
-                 FLAGS.overwrite, record, twin)
+                 FLAGS.overwrite, record, twin, trained.config.data.clean)
     print(f"exported step {trained.step} ({trained.checkpoint}) to {out}", flush=True)
     if version_dir:  # complete or absent: the server never sees a half-copied version
         atomic.copy_dir(os.path.join(out, "saved_model"), version_dir)

@@ -30,7 +30,7 @@ define_train_flags()
 define_finetune_flags()
 flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "export"], "What to do.")
 flags.DEFINE_string("checkpoint", "best", "evaluate/predict/export: best, latest, a step or a path.")
-flags.DEFINE_string("eval_file", "", "evaluate: labelled file (default: the run's --validation_file).")
+flags.DEFINE_string("eval_file", "", "evaluate: labelled file (default: the run's validation examples).")
 flags.DEFINE_string("input", "-", "predict: text file, one example per line ('-': stdin).")
 flags.DEFINE_string("export_dir", "", "export: output directory.")
 flags.DEFINE_string("quantize", "", "export: int8 or int4, quantized weights (as pipelines.export --quantize).")
@@ -82,7 +82,7 @@ def main(argv):
                       f"{weight_bytes(clf.model) / 1e6:.2f} MB")
             print(f"exported {out}")
             return
-        result = finetune.evaluate_file(clf, FLAGS.eval_file or clf.cfg.validation_file)
+        result = finetune.evaluate_file(clf, FLAGS.eval_file)
         if distributed.world().is_chief:
             from tfllm.classifier import format_report
             print(format_report(result, clf.classes))

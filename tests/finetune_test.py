@@ -166,6 +166,43 @@ def test_round_trip_pretrain_finetune_predict_export(trained_model_dir, sst2_sli
     assert not (tmp_path / "twice").exists()
 
 
+def test_sorted_web_reviews_hold_out_test_file_and_cleaning(trained_model_dir, tmp_path):
+    """IMDB's shape: gzip JSONL sorted by label, markup in the text, no dev set, a test file."""
+    import gzip
+
+    def write(name, n):
+        words = ["def", "class", "return", "import", "print", "self", "None", "True"]
+        with gzip.open(tmp_path / name, "wt") as f:
+            for i in range(n):  # sorted: every neg, then every pos
+                label = "neg" if i < n // 2 else "pos"
+                text = " ".join(words[(i * 7 + j) % 8] for j in range(30)) + f"<br /><br /><i>{label}</i> x{i}"
+                f.write(json.dumps({"label": label, "rating": 1, "text": text}) + "\n")
+        return tmp_path / name
+
+    train, test = write("train.jsonl.gz", 160), write("test.jsonl.gz", 40)
+    model_dir = tmp_path / "clf"
+    args = ["-m", "pipelines.finetune", f"--pretrained_dir={trained_model_dir}", f"--model_dir={model_dir}",
+            f"--train_file={train}", "--validation_fraction=0.25", f"--test_file={test}", "--text_column=text",
+            "--clean=html", "--truncation=head_tail", "--max_length=48", "--batch_size=8", "--train_steps=10",
+            "--eval_every=5", "--warmup_steps=2", "--learning_rate=1e-3", f"--output_json={tmp_path / 'r.json'}"]
+    out = run(args)
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["validation"]["examples"] == 40 and result["test"]["examples"] == 40
+    assert result["test"]["checkpoint_step"] in (5, 10) and "test (" in out.stdout
+    saved = json.loads((model_dir / "finetune.json").read_text())["config"]
+    assert saved["clean"] == "html" and saved["truncation"] == "head_tail"
+    # Without --validation_file, evaluation defaults to the same held-out examples.
+    run(["-m", "pipelines.finetune", "--mode=evaluate", f"--model_dir={model_dir}", "--checkpoint=latest",
+         f"--output_json={tmp_path / 'e.json'}"])
+    again = json.loads((tmp_path / "e.json").read_text())
+    assert again["examples"] == 40 and again["accuracy"] == pytest.approx(result["validation"]["accuracy"])
+    # Served text is cleaned as training text was: markup changes nothing.
+    pred = run(["-m", "pipelines.finetune", "--mode=predict", f"--model_dir={model_dir}"],
+               input_text="return self <i>None</i>\nreturn self None\n")
+    first, second = pred.stdout.strip().splitlines()[-2:]
+    assert first == second
+
+
 def test_scratch_init_and_resume(trained_model_dir, sst2_slice, tmp_path):
     # Scratch needs the architecture and the tokenizer, not the weights: a dir without checkpoints serves.
     bare = tmp_path / "bare"
@@ -192,6 +229,9 @@ def test_bad_inputs_are_one_line_errors(trained_model_dir, sst2_slice, tmp_path)
     empty.write_text("label\tsentence\n0\tfine\n1\t\n")
     single = tmp_path / "single.tsv"
     single.write_text("label\tsentence\n1\tgood\n1\tgreat\n")
+    reviews = tmp_path / "reviews.jsonl"
+    reviews.write_text('{"stars": 1, "label": "neg", "text": "bad"}\n{"stars": 5, "text": "good"}\n'
+                       '{"stars": 3, "text": "<br /><br />"}\n')
     other_tok = tmp_path / "other_tokenizer"
     shutil.copytree(trained_model_dir, other_tok)
     from tfllm.tokenizers import ByteTokenizer
@@ -205,6 +245,11 @@ def test_bad_inputs_are_one_line_errors(trained_model_dir, sst2_slice, tmp_path)
         ([f"--pretrained_dir={other_tok}"], "tokenizer has 259 tokens, the model"),
         (["--max_length=65"], "--max_length=65 exceeds the pretrained model's context (64 positions)"),
         ([f"--init_preset={trained_model_dir}"], "--init_preset starts pretraining runs"),
+        ([f"--train_file={reviews}", "--text_column=text"], "reviews.jsonl:2: no field 'label' (--label_column)"),
+        ([f"--train_file={reviews}", "--text_column=text", "--label_column=stars", "--clean=html"],
+         "reviews.jsonl:3: the text is empty after --clean=html"),
+        ([f"--test_file={bad_dev}"], "dev.tsv:3: label '7' (example 2) is not among the training labels"),
+        (["--validation_fraction=0.1"], "give either --validation_file or --validation_fraction"),
     ]
     for extra, message in cases:
         model_dir = tmp_path / "m"

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfllm.labelled import NO_LABEL, split_rows
+from tfllm.labelled import NO_LABEL, Encoding, split_rows
 from tfllm.quantize import FloatTwin, TwinServing
 from tfllm.segments import Chain, Unit, backbone_units
 from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
@@ -165,18 +165,16 @@ class ClassifierServing(TwinServing):
     """Strings in, probabilities out: tokenizer and classifier in one SavedModel (TF + tf_text only);
     an int8 classifier computes with a float twin (see `TwinServing`)."""
 
-    def __init__(self, model: keras.Model, tokenizer: Tokenizer, classes: list[str], max_length: int,
+    def __init__(self, model: keras.Model, tokenizer: Tokenizer, classes: list[str], encoding: Encoding,
                  twin: FloatTwin | None = None):
         super().__init__(model, twin, "tfllm_classifier")
-        self.tokenizer, self.max_length = tokenizer, int(max_length)
+        # Cleaning and truncation as in training: a served review may arrive with its markup.
+        self.tokenizer, self.encoding = tokenizer, encoding
         self.class_names = tf.constant(classes)
         self.classify = tf.function(self._classify, input_signature=[tf.TensorSpec([None], tf.string, name="texts")])
 
     def _classify(self, texts):
-        ids = self.tokenizer.tokenize(texts)[:, : self.max_length - 1]
-        eod = tf.fill([tf.shape(texts)[0], 1], EOD_ID)
-        tokens = tf.concat([tf.cast(eod, ids.dtype), ids], axis=1).to_tensor(default_value=PAD_ID)
-        tokens = tf.cast(tokens, tf.int32)
+        tokens = self.encoding.token_ids(self.tokenizer, texts).to_tensor(default_value=PAD_ID)
         with self.serving_weights():
             logits = self.runner({"token_ids": tokens, "padding_mask": tokens != PAD_ID})
         probs = tf.nn.softmax(tf.cast(logits, tf.float32))

@@ -40,6 +40,7 @@ class DataConfig:
     jsonl_field: str = "text"
     parquet_column: str = "text"
     on_decode_error: str = "strict"  # strict | replace | skip
+    clean: str = "none"  # none | html: text cleaning before tokenization (tfllm.data.cleaning)
     max_corpus_bytes: int = 0  # 0: no limit; caps the built-in corpus and big inputs for demos
     tokenizer_sample_bytes: int = 50_000_000
     seed: int = 0
@@ -53,6 +54,8 @@ class DataConfig:
             raise ConfigError(f"--tokenizer={self.tokenizer!r}: expected one of {', '.join(TOKENIZER_KINDS)}")
         if self.split not in ("document", "tail"):
             raise ConfigError(f"--split={self.split!r}: expected 'document' or 'tail'")
+        if self.clean not in ("none", "html"):
+            raise ConfigError(f"--clean={self.clean!r}: expected none or html")
         if self.on_decode_error not in ("strict", "replace", "skip"):
             raise ConfigError(f"--on_decode_error={self.on_decode_error!r}: expected strict, replace or skip")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -299,7 +302,11 @@ class FinetuneConfig:
     classifier_dropout: float = 0.1
     freeze_backbone_steps: int = 0
     class_weighted: bool = False
-    max_train_examples: int = 0  # 0: all
+    max_train_examples: int = 0  # 0: all; else drawn at random
+    validation_fraction: float = 0.0  # >0: hold out this share of the training file instead of --validation_file
+    test_file: str = ""  # scored once at the end, with the best checkpoint
+    truncation: str = "head"  # head | head_tail
+    clean: str = "auto"  # none | html | auto: as the pretrained model's data was
     batch_size: int = 32
     train_steps: int = 1000
     eval_every: int = 200
@@ -329,6 +336,14 @@ class FinetuneConfig:
                 raise ConfigError(f"--{name}={getattr(self, name)}: too small")
         if self.num_classes == 1 or self.num_classes < 0:
             raise ConfigError(f"--num_classes={self.num_classes}: need 2 or more (0: from the training labels)")
+        if self.truncation not in ("head", "head_tail"):
+            raise ConfigError(f"--truncation={self.truncation!r}: expected head or head_tail")
+        if self.clean not in ("auto", "none", "html"):
+            raise ConfigError(f"--clean={self.clean!r}: expected auto, none or html")
+        if not 0.0 <= self.validation_fraction < 0.5:
+            raise ConfigError(f"--validation_fraction={self.validation_fraction}: must be in [0, 0.5)")
+        if bool(self.validation_fraction) == bool(self.validation_file):
+            raise ConfigError("give either --validation_file or --validation_fraction (held out of --train_file)")
         if not 0.0 <= self.classifier_dropout < 1.0:
             raise ConfigError(f"--classifier_dropout={self.classifier_dropout}: must be in [0, 1)")
         self.optimizer.validate()
@@ -337,7 +352,7 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in d.items() if k in known}
+        values = {"clean": "none", **{k: v for k, v in d.items() if k in known}}  # saved before cleaning existed
         if isinstance(values.get("optimizer"), dict):
             values["optimizer"] = OptimizerConfig(**values["optimizer"])
         return cls(**values)

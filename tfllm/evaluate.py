@@ -29,10 +29,10 @@ class TextWindows:
     token, the last padded), so its loss is comparable with a prepared split's.
     """
 
-    def __init__(self, path: str, tokenizer, seq_len: int):
+    def __init__(self, path: str, tokenizer, seq_len: int, clean: str = "none"):
         collected = []
         packer = Packer(seq_len, _ListWriter(collected))
-        for doc in Corpus([path]):
+        for doc in Corpus([path], clean=clean):  # cleaned as the model's training data was
             packer.add(np.asarray(tokenizer.encode(doc.text), np.int32))
         packer.finish()
         if not collected:

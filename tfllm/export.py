@@ -10,6 +10,8 @@ needs only `import tensorflow, tensorflow_text` to load it:
     score(texts: string[B]) -> {"log_prob": float32[B], "tokens": int32[B]}
         total natural-log probability of each text given the start-of-document context (<eod>,
         as in training), over at most `context - 1` tokens; `tokens` says how many were scored.
+
+Both clean their text as the training data was (`--clean`, tfllm.data.cleaning) before tokenizing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tensorflow as tf
 
 from tfllm import atomic, preset
 from tfllm.config import ConfigError
+from tfllm.data.cleaning import clean_strings
 from tfllm.quantize import FloatTwin, TwinServing, quantization_mode, save_for_serving
 from tfllm.restore import EXPORT_FILE
 from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
@@ -30,9 +33,10 @@ from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
 class ServingModule(TwinServing):
     """The language model's signatures (see `TwinServing` for `twin`)."""
 
-    def __init__(self, model: keras.Model, tokenizer: Tokenizer, context: int, twin: FloatTwin | None = None):
+    def __init__(self, model: keras.Model, tokenizer: Tokenizer, context: int, twin: FloatTwin | None = None,
+                 clean: str = "none"):
         super().__init__(model, twin, "tfllm_serving")
-        self.tokenizer = tokenizer
+        self.tokenizer, self.clean = tokenizer, clean
         self.context = int(context)
         self.runner.compile(sampler=keras_hub.samplers.GreedySampler())
         self.generate = tf.function(self._generate, input_signature=[
@@ -40,7 +44,7 @@ class ServingModule(TwinServing):
         self.score = tf.function(self._score, input_signature=[tf.TensorSpec([None], tf.string, name="texts")])
 
     def _generate(self, prompts, max_new_tokens):
-        ids = self.tokenizer.tokenize(prompts)
+        ids = self.tokenizer.tokenize(clean_strings(prompts, self.clean))
         lengths = tf.cast(ids.row_lengths(), tf.int32)
         tf.debugging.assert_positive(tf.reduce_min(lengths), message="empty prompt")
         tf.debugging.assert_positive(max_new_tokens, message="max_new_tokens must be positive")
@@ -60,7 +64,7 @@ class ServingModule(TwinServing):
         return {"text": self.tokenizer.detokenize(new)}
 
     def _score(self, texts):
-        ids = self.tokenizer.tokenize(texts)[:, : self.context - 1]
+        ids = self.tokenizer.tokenize(clean_strings(texts, self.clean))[:, : self.context - 1]
         eod = tf.fill([tf.shape(texts)[0], 1], EOD_ID)
         full = tf.concat([eod, ids], axis=1)
         lengths = tf.cast(full.row_lengths(), tf.int32)
@@ -84,7 +88,7 @@ def output_dir(path: str, overwrite: bool) -> str:
 
 
 def export(model: keras.Model, tokenizer: Tokenizer, context: int, out_dir: str, overwrite: bool = False,
-           record: dict | None = None, float_twin: keras.Model | None = None) -> str:
+           record: dict | None = None, float_twin: keras.Model | None = None, clean: str = "none") -> str:
     """Writes `<out_dir>/saved_model`, `model.keras`, `tokenizer/`, `preset/` (a keras-hub preset
     with the tokenizer inside, see `tfllm.preset`) and `export.json` (`record`: the training
     config, step and checkpoint, plus the quantization mode), atomically; returns out_dir."""
@@ -96,7 +100,7 @@ def export(model: keras.Model, tokenizer: Tokenizer, context: int, out_dir: str,
     def build(tmp: str) -> None:
         served, twin = save_for_serving(model, os.path.join(tmp, "model.keras"), lambda: float_twin)
         preset.save(model, tokenizer, os.path.join(tmp, "preset"))
-        module = ServingModule(served, tokenizer, context, twin)
+        module = ServingModule(served, tokenizer, context, twin, clean)
         tf.saved_model.save(module, os.path.join(tmp, "saved_model"),
                             signatures={"generate": module.generate, "score": module.score})
         tokenizer.save(os.path.join(tmp, "tokenizer"))

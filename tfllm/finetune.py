@@ -75,6 +75,12 @@ def _prepare_model_dir(cfg: FinetuneConfig, classes: list[str], model_cfg: Model
                                   f"{classes}; use another --model_dir")
         if saved["backbone"] != record["backbone"] or saved["config"]["pooling"] != cfg.pooling:
             raise CheckpointError(f"{cfg.model_dir} holds a classifier of another architecture; use another --model_dir")
+        before = FinetuneConfig.from_dict(saved["config"])
+        changed = [f"--{k}={getattr(before, k)}" for k in ("max_length", "truncation", "clean")
+                   if getattr(before, k) != getattr(cfg, k)]
+        if changed:  # what the checkpoints learned from would differ from what the resumed run feeds them
+            raise CheckpointError(f"{cfg.model_dir} was fine-tuned with {', '.join(changed)}; resume with the same "
+                                  "or use another --model_dir")
         if _tokenizer_files(tokenizer_dst) != _tokenizer_files(tokenizer_src):
             raise CheckpointError(f"the tokenizer of --pretrained_dir={cfg.pretrained_dir} differs from the one "
                                   f"{cfg.model_dir} was fine-tuned with")
@@ -84,17 +90,33 @@ def _prepare_model_dir(cfg: FinetuneConfig, classes: list[str], model_cfg: Model
     atomic.write_json(path, record)
 
 
-def _load_data(cfg: FinetuneConfig, tokenizer):
+def encoding(cfg: FinetuneConfig) -> labelled.Encoding:
+    return labelled.Encoding(cfg.max_length, cfg.truncation, cfg.clean)
+
+
+def split_examples(cfg: FinetuneConfig) -> tuple[labelled.Examples, labelled.Examples]:
+    """(training, validation) examples: --validation_file's, or held out of --train_file."""
     cols = _columns(cfg)
-    train = labelled.read_examples(cfg.train_file, cols)
+    train = labelled.read_examples(cfg.train_file, cols, cfg.clean)
+    if cfg.validation_fraction:
+        train, val = labelled.hold_out(train, cfg.validation_fraction)
+    else:
+        val = labelled.read_examples(cfg.validation_file, cols, cfg.clean)
     if cfg.max_train_examples:
-        train = labelled.Examples(train.texts[: cfg.max_train_examples], train.labels[: cfg.max_train_examples], train.path)
+        train = labelled.sample(train, cfg.max_train_examples)
+    return train, val
+
+
+def labelled_rows(cfg: FinetuneConfig, tokenizer, examples: labelled.Examples, classes: list[str]) -> np.ndarray:
+    return labelled.rows(labelled.encode(tokenizer, examples.texts, encoding(cfg)), labelled.label_ids(examples, classes))
+
+
+def _load_data(cfg: FinetuneConfig, tokenizer):
+    train, val = split_examples(cfg)
     classes = labelled.label_vocabulary(train, cfg.num_classes)
-    val = labelled.read_examples(cfg.validation_file, cols)
-    train_ids, val_ids = labelled.label_ids(train, classes), labelled.label_ids(val, classes)
-    train_rows = labelled.rows(labelled.encode(tokenizer, train.texts, cfg.max_length), train_ids)
-    val_rows = labelled.rows(labelled.encode(tokenizer, val.texts, cfg.max_length), val_ids)
-    return classes, train_rows, val_rows
+    test = labelled.read_examples(cfg.test_file, _columns(cfg), cfg.clean) if cfg.test_file else None
+    rows = [labelled_rows(cfg, tokenizer, e, classes) if e is not None else None for e in (train, val, test)]
+    return classes, *rows
 
 
 def evaluate_rows(model: keras.Model, rows: np.ndarray, classes: list[str], batch_size: int) -> dict:
@@ -136,9 +158,10 @@ class ClassificationTask(Task):
     early stopping, the backbone frozen for the first --freeze_backbone_steps."""
 
     def __init__(self, cfg: FinetuneConfig, full_step: TrainStep, head_step: TrainStep, rows: labelled.Batches,
-                 val_rows, classes, writer, say):
+                 val_rows, classes, writer, say, test_rows=None):
         self.cfg, self.full_step, self.head_step, self.rows = cfg, full_step, head_step, rows
         self.val_rows, self.classes, self.writer, self.say = val_rows, classes, writer, say
+        self.test_rows = test_rows
         self.report = None
 
     def batches(self, state):
@@ -177,8 +200,28 @@ class ClassificationTask(Task):
         distributed.barrier()
         final = self.report or evaluate_rows(loop.model, self.val_rows, self.classes, self.cfg.batch_size)
         self.say(format_report(final, self.classes))
-        return {"step": loop.state.step, "validation": final, "best_accuracy": loop.state.scores["best_accuracy"],
-                "stopped_early": stopped_early}
+        result = {"step": loop.state.step, "validation": final, "best_accuracy": loop.state.scores["best_accuracy"],
+                  "stopped_early": stopped_early}
+        if self.test_rows is not None:
+            result["test"] = self.score_test(loop)
+        return result
+
+    def score_test(self, loop) -> dict:
+        """The test file, scored once with the checkpoint that validation chose (the model selected
+        without looking at the test set)."""
+        step = -1  # known on rank 0, which wrote the checkpoints and reports
+        if distributed.world().is_chief:
+            best = loop.checkpoints.resolve("best" if loop.checkpoints.best() else "latest")
+            loop.checkpoints.restore(best, loop.model.variables, model_only=True)
+            step = loop.checkpoints.read_state(best)["step"]
+        sync_state(loop.model)
+        report = evaluate_rows(loop.model, self.test_rows, self.classes, self.cfg.batch_size)
+        self.say(f"test ({self.cfg.test_file}, checkpoint of step {step}): accuracy={report['accuracy']:.4f} "
+                 f"macro_f1={report['macro_f1']:.4f} loss={report['loss']:.4f}")
+        self.writer.scalars("test", step, {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
+                                           "loss": report["loss"]})
+        self.writer.flush()
+        return {**report, "checkpoint_step": step}
 
 
 def finetune(cfg: FinetuneConfig, log=print) -> dict:
@@ -194,8 +237,12 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
         raise ConfigError(f"--allreduce_buckets={cfg.allreduce_buckets}: a {pretrained_cfg.model.num_layers}-layer "
                           f"model splits into 1 to {pretrained_cfg.model.num_layers + 2} buckets")
     if pretrained_cfg.model.family == "gpt2" and cfg.max_length > context:
-        raise ConfigError(f"--max_length={cfg.max_length} exceeds the pretrained model's context ({context} positions)")
-    classes, train_rows, val_rows = _load_data(cfg, tokenizer)
+        raise ConfigError(f"--max_length={cfg.max_length} exceeds the pretrained model's context ({context} positions)"
+                          + ("; --truncation=head_tail keeps a long text's start and end within it"
+                             if cfg.truncation == "head" else ""))
+    if cfg.clean == "auto":  # the text as pretraining saw it; finetune.json records the choice
+        cfg = dataclasses.replace(cfg, clean=pretrained_cfg.data.clean)
+    classes, train_rows, val_rows, test_rows = _load_data(cfg, tokenizer)
     _agree(lambda: _prepare_model_dir(cfg, classes, pretrained_cfg.model))
     if cfg.init == "scratch":
         backbone = build_causal_lm(pretrained_cfg.model).backbone
@@ -216,7 +263,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
 
     rows = labelled.Batches(train_rows, cfg.batch_size, world.rank, world.size, cfg.seed)
     metrics_log = MetricsLog(cfg.model_dir, cfg.log_every, say)
-    task = ClassificationTask(cfg, full_step, head_step, rows, val_rows, classes, metrics_log.writer, say)
+    task = ClassificationTask(cfg, full_step, head_step, rows, val_rows, classes, metrics_log.writer, say, test_rows)
     loop = TrainLoop(task, model, optimizer, CheckpointManager(cfg.model_dir, keep=cfg.keep_checkpoints), metrics_log,
                      {"batch_size": cfg.batch_size, "global_batch": rows.global_batch}, say)
     loop.state.scores = {"best_accuracy": -1.0, "evals_without_gain": 0}
@@ -233,8 +280,10 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
                                     "model.num_layers": pretrained_cfg.model.num_layers},
                                    metrics=(("validation", "accuracy"), ("validation", "loss"), ("train", "loss")))
     sync_state(model, optimizer)
-    say(f"fine-tuning {len(classes)} classes {classes}: {len(train_rows)} training, {len(val_rows)} validation "
-        f"examples; init={cfg.init}; {world.size} rank(s) x batch {cfg.batch_size}")
+    say(f"fine-tuning {len(classes)} classes {classes}: {len(train_rows)} training, {len(val_rows)} validation"
+        + (f", {len(test_rows)} test" if test_rows is not None else "")
+        + f" examples; init={cfg.init}; {world.size} rank(s) x batch {cfg.batch_size}; clean={cfg.clean}, "
+        f"truncation={cfg.truncation}")
     try:
         stopped_early = loop.run(cfg.train_steps)
         return task.finish(loop, stopped_early)
@@ -274,16 +323,18 @@ def _load_export(export_dir: str, checkpoint: str | None) -> Classifier:
                       record.get("quantization"))
 
 
-def evaluate_file(clf: Classifier, path: str, batch_size: int = 64) -> dict:
-    cols = _columns(clf.cfg)
-    examples = labelled.read_examples(path, cols)
-    rows = labelled.rows(labelled.encode(clf.tokenizer, examples.texts, clf.cfg.max_length),
-                         labelled.label_ids(examples, clf.classes))
-    return evaluate_rows(clf.model, rows, clf.classes, batch_size)
+def evaluate_file(clf: Classifier, path: str = "", batch_size: int = 64) -> dict:
+    """The report on a labelled file; without one, on the run's validation examples."""
+    if path:
+        examples = labelled.read_examples(path, _columns(clf.cfg), clf.cfg.clean)
+    else:
+        examples = split_examples(clf.cfg)[1]
+    return evaluate_rows(clf.model, labelled_rows(clf.cfg, clf.tokenizer, examples, clf.classes), clf.classes,
+                         batch_size)
 
 
 def predict(clf: Classifier, texts: list[str], batch_size: int = 64) -> list[tuple[str, float]]:
-    serving = ClassifierServing(clf.model, clf.tokenizer, clf.classes, clf.cfg.max_length)
+    serving = ClassifierServing(clf.model, clf.tokenizer, clf.classes, encoding(clf.cfg))
     out = []
     for start in range(0, len(texts), batch_size):
         result = serving.classify(tf.constant(texts[start:start + batch_size]))
@@ -300,7 +351,7 @@ def export_classifier(clf: Classifier, out_dir: str, overwrite: bool = False, mo
 
     def build(tmp: str) -> None:
         served, twin = save_for_serving(model, os.path.join(tmp, "model.keras"), lambda: _float_classifier(clf.record)[0])
-        module = ClassifierServing(served, clf.tokenizer, clf.classes, clf.cfg.max_length, twin)
+        module = ClassifierServing(served, clf.tokenizer, clf.classes, encoding(clf.cfg), twin)
         tf.saved_model.save(module, os.path.join(tmp, "saved_model"), signatures={"classify": module.classify})
         clf.tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
         atomic.write_json(os.path.join(tmp, "classes.json"), clf.classes)

@@ -50,6 +50,8 @@ def define_data_flags() -> None:
                       "document: hold out whole documents by seeded hash; tail: the last fraction of the text.")
     flags.DEFINE_integer("num_shards", _D.num_shards, "TFRecord shards per split.")
     flags.DEFINE_string("jsonl_field", _D.jsonl_field, "Text field of .jsonl records.")
+    flags.DEFINE_enum("clean", _D.clean, ["none", "html"], "Text cleaning before tokenization: html turns <br> "
+                      "into newlines, drops tags and decodes common entities (web text such as reviews).")
     flags.DEFINE_string("parquet_column", _D.parquet_column, "Text column of .parquet files (Hugging Face datasets).")
     flags.DEFINE_integer("workers", _D.workers, "Tokenizing threads per rank (0: the usable cores, shared among "
                          "the ranks on a host). The output does not depend on it.")
@@ -201,14 +203,21 @@ def define_finetune_flags() -> None:
     flags.DEFINE_float("classifier_dropout", f.classifier_dropout, "Dropout before the classification head.")
     flags.DEFINE_integer("freeze_backbone_steps", f.freeze_backbone_steps, "Train only the head for the first N steps.")
     flags.DEFINE_bool("class_weighted", f.class_weighted, "Weight the loss by inverse class frequency.")
-    flags.DEFINE_integer("max_train_examples", f.max_train_examples, "Use only the first N training examples (0: all).")
+    flags.DEFINE_integer("max_train_examples", f.max_train_examples, "Use N training examples drawn at random (0: all).")
+    flags.DEFINE_float("validation_fraction", f.validation_fraction, "Hold out this share of --train_file, drawn at "
+                       "random, for validation (instead of --validation_file).")
+    flags.DEFINE_string("test_file", f.test_file, "Labelled test data, scored once at the end with the best checkpoint.")
+    flags.DEFINE_enum("truncation", f.truncation, ["head", "head_tail"], "Texts longer than --max_length: keep the "
+                      "first tokens (head) or the first quarter and the last three quarters (head_tail).")
     flags.DEFINE_integer("early_stopping_patience", f.early_stopping_patience,
                          "Stop after N validations without a better accuracy (0: never).")
 
 
 def finetune_config_from_flags() -> FinetuneConfig:
-    names = [f.name for f in dataclasses.fields(FinetuneConfig) if f.name != "optimizer"]
-    return FinetuneConfig(optimizer=optimizer_config_from_flags(), **{n: getattr(FLAGS, n) for n in names})
+    names = [f.name for f in dataclasses.fields(FinetuneConfig) if f.name not in ("optimizer", "clean")]
+    # --clean is a data flag (default none); not given, fine-tuning cleans as the pretraining data was.
+    clean = FLAGS.clean if FLAGS["clean"].present else "auto"
+    return FinetuneConfig(optimizer=optimizer_config_from_flags(), clean=clean, **{n: getattr(FLAGS, n) for n in names})
 
 
 def data_config_from_flags() -> DataConfig:
@@ -218,7 +227,7 @@ def data_config_from_flags() -> DataConfig:
         val_fraction=FLAGS.val_fraction, split=FLAGS.split, num_shards=FLAGS.num_shards, jsonl_field=FLAGS.jsonl_field,
         on_decode_error=FLAGS.on_decode_error, max_corpus_bytes=FLAGS.max_corpus_bytes,
         tokenizer_sample_bytes=FLAGS.tokenizer_sample_bytes, seed=FLAGS.data_seed, overwrite=FLAGS.overwrite,
-        parquet_column=FLAGS.parquet_column, workers=FLAGS.workers)
+        parquet_column=FLAGS.parquet_column, workers=FLAGS.workers, clean=FLAGS.clean)
 
 
 def model_config_from_flags() -> ModelConfig:

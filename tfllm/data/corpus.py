@@ -3,7 +3,8 @@
 Files are read as blocks (`tfllm.data.formats`), so nothing holds a whole file in memory. A
 `.txt` file is one document, cut into one piece per block; each line of a `.jsonl` file is one
 document (its text field chosen by --jsonl_field), and so is each row of a Parquet file (its
-text column chosen by --parquet_column). `builtin:python-stdlib` is the Python standard library's own source, which exists on
+text column chosen by --parquet_column). `--clean=html` cleans every document
+(`tfllm.data.cleaning`); one that cleaning empties is an error naming its line. `builtin:python-stdlib` is the Python standard library's own source, which exists on
 every machine that runs tfllm, so the demo needs no download.
 """
 
@@ -17,8 +18,10 @@ import sysconfig
 from dataclasses import dataclass
 from typing import Iterator
 
+import tensorflow as tf
+
 from tfllm.config import ConfigError
-from tfllm.data import formats
+from tfllm.data import cleaning, formats
 from tfllm.data.formats import CorpusError  # noqa: F401  (raised here and by formats)
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
@@ -100,17 +103,25 @@ class Piece:
 class Parser:
     """Turns a block of one file into pieces of documents; counts what on_decode_error=skip dropped."""
 
-    def __init__(self, jsonl_field: str = "text", on_decode_error: str = "strict", parquet_column: str = "text"):
+    def __init__(self, jsonl_field: str = "text", on_decode_error: str = "strict", parquet_column: str = "text",
+                 clean: str = "none"):
         self.jsonl_field = jsonl_field
         self.on_decode_error = on_decode_error
         self.parquet_column = parquet_column
+        cleaning.check(clean)
+        self.clean = clean
 
     def pieces(self, path: str, block: formats.Block) -> tuple[list[Piece], int]:
         fmt = formats.kind(path)[0]
         if fmt == "parquet":
-            return [Piece(t, True) for t in block.data if t], 0
+            texts = [t for t in block.data if t]
+            cleaned = self._cleaned(texts, lambda i: f"{path}: row group {block.index}, row {block.start + i}")
+            return [Piece(t, True) for t in cleaned], 0
         if fmt == "text":
             text = _decode(block.data, path, self.on_decode_error, block.start)
+            if text and self.clean != "none":
+                # Not stripped: a .txt file is one document, cut into blocks (a tag across a cut stays).
+                text = cleaning.clean_strings(tf.constant([text]), self.clean, strip=False)[0].numpy().decode("utf-8")
             if text:
                 return [Piece(text, block.last)], 0
             return ([Piece("", True)] if block.last else []), int(text is None)
@@ -120,8 +131,19 @@ class Parser:
         first = block.line or formats.line_at(path, block.start)
         return first + index
 
+    def _cleaned(self, texts: list[str], where) -> list[str]:
+        """`texts` cleaned; a text that cleaning empties is a CorpusError at `where(index)`."""
+        if self.clean == "none":
+            return texts
+        cleaned = cleaning.clean_texts(texts, self.clean)
+        for i, text in enumerate(cleaned):
+            if not text:
+                raise CorpusError(f"{where(i)}: the text is empty after --clean={self.clean} "
+                                  f"(it was {len(texts[i])} characters of markup: {texts[i][:60]!r})")
+        return cleaned
+
     def _jsonl(self, path: str, block: formats.Block) -> tuple[list[Piece], int]:
-        out, skipped, offset = [], 0, block.start
+        out, lines, skipped, offset = [], [], 0, block.start
         for index, line in enumerate(block.data.split(b"\n")):
             start, offset = offset, offset + len(line) + 1
             if not line.strip():
@@ -143,17 +165,19 @@ class Parser:
                 raise CorpusError(f"{path}:{self._line(path, block, index)}: no string field "
                                   f"{self.jsonl_field!r} (see --jsonl_field)")
             if value:
-                out.append(Piece(value, True))
-        return out, skipped
+                out.append(value)
+                lines.append(index)
+        out = self._cleaned(out, lambda i: f"{path}:{self._line(path, block, lines[i])}")
+        return [Piece(text, True) for text in out], skipped
 
 
 class Corpus:
     """An ordered, re-iterable stream of whole documents (evaluation and the tokenizer's sample)."""
 
     def __init__(self, specs: list[str], jsonl_field: str = "text", on_decode_error: str = "strict",
-                 max_bytes: int = 0, parquet_column: str = "text"):
+                 max_bytes: int = 0, parquet_column: str = "text", clean: str = "none"):
         self.files = resolve_files(specs)
-        self.parser = Parser(jsonl_field, on_decode_error, parquet_column)
+        self.parser = Parser(jsonl_field, on_decode_error, parquet_column, clean)
         self.max_bytes = max_bytes
         self.skipped = 0
         self.files_read: list[str] = []  # what the last full pass read (max_bytes may stop early)

@@ -1,0 +1,62 @@
+"""Text cleaning before tokenization: `--clean=html` for text scraped from web pages.
+
+Review sites, forums and crawls store text with markup in it (IMDB's reviews hold `<br />` about
+four times each). Left in, every `<br />` costs a pretrained model several tokens of context and
+teaches it markup instead of language. Cleaning turns line-break tags into newlines, drops
+other tags, decodes the common named entities and squeezes runs of spaces.
+
+One implementation, in TensorFlow ops (RE2), serves every caller: data preparation, labelled
+files for fine-tuning, `--mode=predict`, and the exported SavedModels' signatures, which clean
+their input text in-graph so that a served model sees text as it was trained on. Something like
+`<` followed by a space or a digit is text, not a tag ("a < b", "<=8"), so it is kept.
+Numeric entities (`&#233;`) are kept as written: RE2 cannot turn a number into a character, and
+they are rare (17 in IMDB's 25,000 training reviews).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tfllm.config import ConfigError
+
+CLEANINGS = ("none", "html")
+
+_HTML_RULES = (
+    (r"(?i)<br\s*/?\s*>|</?p(?:\s[^<>]*)?>", "\n"),
+    (r"(?s)<!--.*?-->", " "),
+    (r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>", " "),
+    (r"&nbsp;|&#160;", " "),
+    (r"&lt;", "<"),
+    (r"&gt;", ">"),
+    (r"&quot;", '"'),
+    (r"&#0?39;|&apos;", "'"),
+    # Last, so that "&amp;lt;" (an escaped entity, as text) becomes "&lt;" and not "<".
+    (r"&amp;", "&"),
+    (r"[ \t\r\f\v]+", " "),
+    (r" ?\n ?", "\n"),
+    (r"\n{3,}", "\n\n"),
+)
+
+
+def check(how: str, flag: str = "--clean") -> None:
+    if how not in CLEANINGS:
+        raise ConfigError(f"{flag}={how!r}: expected one of {', '.join(CLEANINGS)}")
+
+
+def clean_strings(strings: tf.Tensor, how: str, strip: bool = True) -> tf.Tensor:
+    """Cleans a string tensor of any shape; `how` is a Python string, fixed when a graph is traced.
+    `strip=False` keeps whitespace at the ends, for pieces of a longer text."""
+    check(how)
+    if how == "none":
+        return strings
+    for pattern, rewrite in _HTML_RULES:
+        strings = tf.strings.regex_replace(strings, pattern, rewrite)
+    return tf.strings.strip(strings) if strip else strings
+
+
+def clean_texts(texts: list[str], how: str) -> list[str]:
+    """Cleans Python strings through the same ops."""
+    check(how)
+    if how == "none" or not texts:
+        return list(texts)
+    return [t.decode("utf-8") for t in clean_strings(tf.constant(texts), how).numpy()]
