@@ -32,6 +32,15 @@ def test_wordpiece_round_trips_words_and_reloads(tmp_path):
     assert T.load_tokenizer(str(tmp_path)).encode("The quick brown fox") == ids
 
 
+@pytest.mark.parametrize("kind,vocab", [("wordpiece", 120), ("char", 0), ("sentencepiece_bpe", 312)])
+def test_continuation_joins_the_prompt_as_the_whole_text_reads(kind, vocab):
+    tok = T.train_tokenizer(kind, CORPUS, vocab)
+    prompt, new = tok.encode("The quick"), tok.encode(" brown fox")
+    assert "The quick" + tok.continuation(prompt, new) == tok.decode(prompt + new)
+    if kind == "wordpiece":  # alone, the first new word would stick to the prompt
+        assert tok.continuation(prompt, new) == " brown fox" and tok.decode(new) == "brown fox"
+
+
 def test_specials_are_shared_and_dropped_on_decode():
     tok = T.train_tokenizer("char", ["abc"], 0)
     assert tok.vocab_size == 6

@@ -106,4 +106,4 @@ def generate_text(model, tokenizer: Tokenizer, prompts: list[str], cfg: Sampling
         if not text:
             raise ConfigError(f"prompt {i + 1} is empty")
     encoded = [tokenizer.encode(p) for p in prompts]
-    return [tokenizer.decode(ids) for ids in generate_ids(model, encoded, cfg)]
+    return [tokenizer.continuation(p, ids) for p, ids in zip(encoded, generate_ids(model, encoded, cfg))]

@@ -76,6 +76,13 @@ class Tokenizer(tf.Module):
         ids = tf.ragged.constant([list(ids)], dtype=tf.int32)
         return self.detokenize(ids)[0].numpy().decode("utf-8", errors="replace")
 
+    def continuation(self, prompt_ids: list[int], new_ids: list[int]) -> str:
+        """The text that `new_ids` add after the prompt. Decoded with the prompt, because WordPiece
+        puts the space between words at detokenization: alone, "a great film" after "This movie
+        was" would read "This movie wasa great film"."""
+        whole, prompt = self.decode(list(prompt_ids) + list(new_ids)), self.decode(prompt_ids)
+        return whole[len(prompt):] if whole.startswith(prompt) else self.decode(new_ids)
+
     def save(self, directory: str) -> dict[str, str]:
         """Writes the tokenizer files; returns {file name: sha256}."""
         os.makedirs(directory, exist_ok=True)
