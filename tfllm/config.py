@@ -16,6 +16,8 @@ from tfllm import atomic
 
 TOKENIZER_KINDS = ("char", "byte", "wordpiece", "sentencepiece_unigram", "sentencepiece_bpe")
 MODEL_FAMILIES = ("gpt2", "llama")
+CLEANINGS = ("none", "html")  # tfllm.data.cleaning
+TRUNCATIONS = ("head", "head_tail")  # tfllm.labelled.truncate
 WEIGHT_INITS = ("gpt2", "keras_hub")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 MAX_SHARDS = 4096  # per split; preparation keeps one open file per shard
@@ -54,8 +56,8 @@ class DataConfig:
             raise ConfigError(f"--tokenizer={self.tokenizer!r}: expected one of {', '.join(TOKENIZER_KINDS)}")
         if self.split not in ("document", "tail"):
             raise ConfigError(f"--split={self.split!r}: expected 'document' or 'tail'")
-        if self.clean not in ("none", "html"):
-            raise ConfigError(f"--clean={self.clean!r}: expected none or html")
+        if self.clean not in CLEANINGS:
+            raise ConfigError(f"--clean={self.clean!r}: expected one of {', '.join(CLEANINGS)}")
         if self.on_decode_error not in ("strict", "replace", "skip"):
             raise ConfigError(f"--on_decode_error={self.on_decode_error!r}: expected strict, replace or skip")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -336,10 +338,10 @@ class FinetuneConfig:
                 raise ConfigError(f"--{name}={getattr(self, name)}: too small")
         if self.num_classes == 1 or self.num_classes < 0:
             raise ConfigError(f"--num_classes={self.num_classes}: need 2 or more (0: from the training labels)")
-        if self.truncation not in ("head", "head_tail"):
-            raise ConfigError(f"--truncation={self.truncation!r}: expected head or head_tail")
-        if self.clean not in ("auto", "none", "html"):
-            raise ConfigError(f"--clean={self.clean!r}: expected auto, none or html")
+        if self.truncation not in TRUNCATIONS:
+            raise ConfigError(f"--truncation={self.truncation!r}: expected one of {', '.join(TRUNCATIONS)}")
+        if self.clean not in ("auto",) + CLEANINGS:
+            raise ConfigError(f"--clean={self.clean!r}: expected one of auto, {', '.join(CLEANINGS)}")
         if not 0.0 <= self.validation_fraction < 0.5:
             raise ConfigError(f"--validation_fraction={self.validation_fraction}: must be in [0, 0.5)")
         if bool(self.validation_fraction) == bool(self.validation_file):

@@ -12,8 +12,9 @@ import os
 from absl import flags
 
 from tfllm import preset
-from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, WEIGHT_INITS, Config, ConfigError, DataConfig,
-                          DistillConfig, FinetuneConfig, ModelConfig, OptimizerConfig, TrainConfig)
+from tfllm.config import (CLEANINGS, MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, TRUNCATIONS, WEIGHT_INITS, Config,
+                          ConfigError, DataConfig, DistillConfig, FinetuneConfig, ModelConfig, OptimizerConfig,
+                          TrainConfig)
 from tfllm.generate import STRATEGIES, SamplingConfig
 from tfllm.restore import CONFIG_FILE
 
@@ -50,7 +51,7 @@ def define_data_flags() -> None:
                       "document: hold out whole documents by seeded hash; tail: the last fraction of the text.")
     flags.DEFINE_integer("num_shards", _D.num_shards, "TFRecord shards per split.")
     flags.DEFINE_string("jsonl_field", _D.jsonl_field, "Text field of .jsonl records.")
-    flags.DEFINE_enum("clean", _D.clean, ["none", "html"], "Text cleaning before tokenization: html turns <br> "
+    flags.DEFINE_enum("clean", _D.clean, list(CLEANINGS), "Text cleaning before tokenization: html turns <br> "
                       "into newlines, drops tags and decodes common entities (web text such as reviews).")
     flags.DEFINE_string("parquet_column", _D.parquet_column, "Text column of .parquet files (Hugging Face datasets).")
     flags.DEFINE_integer("workers", _D.workers, "Tokenizing threads per rank (0: the usable cores, shared among "
@@ -207,7 +208,7 @@ def define_finetune_flags() -> None:
     flags.DEFINE_float("validation_fraction", f.validation_fraction, "Hold out this share of --train_file, drawn at "
                        "random, for validation (instead of --validation_file).")
     flags.DEFINE_string("test_file", f.test_file, "Labelled test data, scored once at the end with the best checkpoint.")
-    flags.DEFINE_enum("truncation", f.truncation, ["head", "head_tail"], "Texts longer than --max_length: keep the "
+    flags.DEFINE_enum("truncation", f.truncation, list(TRUNCATIONS), "Texts longer than --max_length: keep the "
                       "first tokens (head) or the first quarter and the last three quarters (head_tail).")
     flags.DEFINE_integer("early_stopping_patience", f.early_stopping_patience,
                          "Stop after N validations without a better accuracy (0: never).")

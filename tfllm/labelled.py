@@ -25,11 +25,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tfllm.config import TRUNCATIONS
 from tfllm.data import cleaning
 from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
 
 FORMATS = ("auto", "tsv", "csv", "jsonl")
-TRUNCATIONS = ("head", "head_tail")
 HEAD_SHARE = 4  # head_tail keeps the first 1/HEAD_SHARE of the token budget, the rest from the end
 NO_LABEL = -1  # rows added to fill a last evaluation batch; excluded from every metric
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfllm.config import ConfigError
-
-CLEANINGS = ("none", "html")
+from tfllm.config import CLEANINGS, ConfigError
 
 _HTML_RULES = (
     (r"(?i)<br\s*/?\s*>|</?p(?:\s[^<>]*)?>", "\n"),
@@ -54,9 +52,9 @@ def clean_strings(strings: tf.Tensor, how: str, strip: bool = True) -> tf.Tensor
     return tf.strings.strip(strings) if strip else strings
 
 
-def clean_texts(texts: list[str], how: str) -> list[str]:
+def clean_texts(texts: list[str], how: str, strip: bool = True) -> list[str]:
     """Cleans Python strings through the same ops."""
     check(how)
     if how == "none" or not texts:
         return list(texts)
-    return [t.decode("utf-8") for t in clean_strings(tf.constant(texts), how).numpy()]
+    return [t.decode("utf-8") for t in clean_strings(tf.constant(texts), how, strip).numpy()]

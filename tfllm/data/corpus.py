@@ -18,8 +18,6 @@ import sysconfig
 from dataclasses import dataclass
 from typing import Iterator
 
-import tensorflow as tf
-
 from tfllm.config import ConfigError
 from tfllm.data import cleaning, formats
 from tfllm.data.formats import CorpusError  # noqa: F401  (raised here and by formats)
@@ -121,7 +119,7 @@ class Parser:
             text = _decode(block.data, path, self.on_decode_error, block.start)
             if text and self.clean != "none":
                 # Not stripped: a .txt file is one document, cut into blocks (a tag across a cut stays).
-                text = cleaning.clean_strings(tf.constant([text]), self.clean, strip=False)[0].numpy().decode("utf-8")
+                text = cleaning.clean_texts([text], self.clean, strip=False)[0]
             if text:
                 return [Piece(text, block.last)], 0
             return ([Piece("", True)] if block.last else []), int(text is None)
