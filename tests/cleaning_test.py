@@ -1,4 +1,4 @@
-"""Text cleaning (--clean=html): the rules, and preparation of a web-text corpus with it."""
+"""Text cleaning (--clean=html,ptb,lower): the rules, and preparation of a web-text corpus with it."""
 
 import json
 
@@ -21,6 +21,22 @@ def test_html_rules():
     assert cleaning.clean_texts([raw], "none") == [raw]
     with pytest.raises(ConfigError, match="--clean='xml'"):
         cleaning.clean_texts(["x"], "xml")
+
+
+def test_ptb_rules_undo_treebank_tokenization():
+    """SST-2's text reads as ordinary text again, which is what a model pretrained on reviews saw."""
+    sst2 = "it does n't work , and it 's -lrb- sort of -rrb- `` bad '' ; ca n't , wo n't , $ 5 -LSB- sic -RSB- ."
+    assert cleaning.clean_texts([sst2], "ptb") == [
+        'it doesn\'t work, and it\'s (sort of) " bad "; can\'t, won\'t, $5 [sic].']
+    assert cleaning.clean_texts(["rock 's big 'n' roll"], "ptb") == ["rock's big 'n' roll"]
+
+
+def test_steps_run_in_one_order_and_bad_lists_are_refused():
+    assert cleaning.clean_texts(["The <b>Film</b> Does N'T Work"], "lower,html,ptb") == ["the film doesn't work"]
+    assert cleaning.clean_texts(["Ünïcode ÉTÉ"], "lower") == ["ünïcode été"]
+    for bad in ("html,html", "html,", "none,html", "", "HTML"):
+        with pytest.raises(ConfigError, match=f"--clean='{bad}': expected none, or one or more of html, ptb, lower"):
+            cleaning.clean_texts(["x"], bad)
 
 
 def _reviews(path, texts):

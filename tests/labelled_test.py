@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tfllm import labelled
-from tfllm.tokenizers import CharTokenizer
+from tfllm.tokenizers import CharTokenizer, Encoding
 
 TOKENIZER = CharTokenizer(list("abcdefghij\n<>/ "))
 
@@ -44,19 +44,19 @@ def test_label_outside_training_classes_names_the_line(tmp_path):
 
 def test_head_tail_truncation_keeps_the_end():
     texts = ["abcdefghij", "ab", "abcde"]
-    head = labelled.encode(TOKENIZER, texts, labelled.Encoding(5, "head"))
-    head_tail = labelled.encode(TOKENIZER, texts, labelled.Encoding(5, "head_tail"))
+    head = labelled.encode(TOKENIZER, texts, Encoding(5, "head"))
+    head_tail = labelled.encode(TOKENIZER, texts, Encoding(5, "head_tail"))
     a = TOKENIZER.encode("a")[0]
     # 4 text tokens after <eod>: head_tail keeps 1 from the start and 3 from the end.
     assert [TOKENIZER.decode(r) for r in head] == ["abcd", "ab", "abcd"]
     assert [TOKENIZER.decode(r) for r in head_tail] == ["ahij", "ab", "acde"]
     assert head_tail[:, 0].tolist() == [1, 1, 1] and head_tail[0, 1] == a
-    long = labelled.encode(TOKENIZER, ["abcdefghij" * 3], labelled.Encoding(21, "head_tail"))
+    long = labelled.encode(TOKENIZER, ["abcdefghij" * 3], Encoding(21, "head_tail"))
     assert TOKENIZER.decode(long[0]) == "abcde" + ("abcdefghij" * 3)[-15:]
 
 
 def test_encoding_cleans_in_graph():
-    enc = labelled.Encoding(8, "head", "html")
+    enc = Encoding(8, "head", "html")
     assert TOKENIZER.decode(labelled.encode(TOKENIZER, ["a<br />b <i>c</i>"], enc)[0]) == "a\nb c"
 
 

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from tfllm.config import ConfigError, ModelConfig, OptimizerConfig, model_mismatch
 from tfllm.models import RESIDUAL_PROJECTIONS, build_causal_lm, lm_loss_sums
-from tfllm.train import make_optimizer
+from tfllm.optimizer import make_optimizer
 
 TINY = ModelConfig(num_layers=2, num_heads=2, hidden_dim=64, max_sequence_length=32, vocab_size=96)
 

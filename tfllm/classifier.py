@@ -12,10 +12,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfllm.labelled import NO_LABEL, Encoding, split_rows
+from tfllm.labelled import NO_LABEL, split_rows
 from tfllm.quantize import FloatTwin, TwinServing
 from tfllm.segments import Chain, Unit, backbone_units
-from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
+from tfllm.tokenizers import EOD_ID, PAD_ID, Encoding, Tokenizer
 
 POOLINGS = ("last", "mean")
 
@@ -57,6 +57,22 @@ def build_classifier(backbone: keras.Model, num_classes: int, pooling: str = "la
 def head_variables(model: keras.Model, backbone: keras.Model) -> list:
     backbone_ids = {id(v) for v in backbone.trainable_variables}
     return [v for v in model.trainable_variables if id(v) not in backbone_ids]
+
+
+def layer_lr_scales(model: keras.Model, backbone: keras.Model, decay: float) -> dict[str, float]:
+    """Variable path -> learning-rate scale for layer-wise decay: 1 for the head and the final
+    norm, decay**k for the transformer layer k below the top, and decay**(L+1) for the
+    embeddings of an L-layer backbone. Empty when decay is 1 (every variable at the full rate)."""
+    if decay == 1.0:
+        return {}
+    layers = list(backbone.transformer_layers)
+    scales = {}
+    for k, layer in enumerate(reversed(layers), start=1):
+        scales.update({v.path: decay ** k for v in layer.trainable_variables})
+    embed_unit, _ = backbone_units(backbone, features=None)
+    for layer in embed_unit.layers:
+        scales.update({v.path: decay ** (len(layers) + 1) for v in layer.trainable_variables})
+    return scales
 
 
 def make_loss_fn(class_weights: np.ndarray | None = None):

@@ -16,8 +16,8 @@ from tfllm import atomic
 
 TOKENIZER_KINDS = ("char", "byte", "wordpiece", "sentencepiece_unigram", "sentencepiece_bpe")
 MODEL_FAMILIES = ("gpt2", "llama")
-CLEANINGS = ("none", "html")  # tfllm.data.cleaning
-TRUNCATIONS = ("head", "head_tail")  # tfllm.labelled.truncate
+CLEANING_STEPS = ("html", "ptb", "lower")  # tfllm.data.cleaning; --clean names some, comma-separated, or none
+TRUNCATIONS = ("head", "head_tail")  # tfllm.tokenizers.truncate
 WEIGHT_INITS = ("gpt2", "keras_hub")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 MAX_SHARDS = 4096  # per split; preparation keeps one open file per shard
@@ -25,6 +25,16 @@ MAX_SHARDS = 4096  # per split; preparation keeps one open file per shard
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the flag."""
+
+
+def clean_steps(how: str, flag: str = "--clean") -> tuple[str, ...]:
+    """The cleaning steps a --clean value names ("none", or steps joined by commas), in the order
+    they run, which is CLEANING_STEPS' order whatever the order written."""
+    names = () if how == "none" else tuple(how.split(","))
+    if (not names and how != "none") or len(set(names)) != len(names) or not set(names) <= set(CLEANING_STEPS):
+        raise ConfigError(f"{flag}={how!r}: expected none, or one or more of {', '.join(CLEANING_STEPS)} "
+                          f"joined by commas")
+    return tuple(step for step in CLEANING_STEPS if step in names)
 
 
 @dataclasses.dataclass
@@ -42,7 +52,7 @@ class DataConfig:
     jsonl_field: str = "text"
     parquet_column: str = "text"
     on_decode_error: str = "strict"  # strict | replace | skip
-    clean: str = "none"  # none | html: text cleaning before tokenization (tfllm.data.cleaning)
+    clean: str = "none"  # none, or html, ptb, lower joined by commas: cleaning before tokenization
     max_corpus_bytes: int = 0  # 0: no limit; caps the built-in corpus and big inputs for demos
     tokenizer_sample_bytes: int = 50_000_000
     seed: int = 0
@@ -56,8 +66,7 @@ class DataConfig:
             raise ConfigError(f"--tokenizer={self.tokenizer!r}: expected one of {', '.join(TOKENIZER_KINDS)}")
         if self.split not in ("document", "tail"):
             raise ConfigError(f"--split={self.split!r}: expected 'document' or 'tail'")
-        if self.clean not in CLEANINGS:
-            raise ConfigError(f"--clean={self.clean!r}: expected one of {', '.join(CLEANINGS)}")
+        clean_steps(self.clean)
         if self.on_decode_error not in ("strict", "replace", "skip"):
             raise ConfigError(f"--on_decode_error={self.on_decode_error!r}: expected strict, replace or skip")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -303,12 +312,13 @@ class FinetuneConfig:
     pooling: str = "last"  # last | mean
     classifier_dropout: float = 0.1
     freeze_backbone_steps: int = 0
+    layer_lr_decay: float = 1.0  # <1: each layer below the head learns at this factor of the one above
     class_weighted: bool = False
     max_train_examples: int = 0  # 0: all; else drawn at random
     validation_fraction: float = 0.0  # >0: hold out this share of the training file instead of --validation_file
     test_file: str = ""  # scored once at the end, with the best checkpoint
     truncation: str = "head"  # head | head_tail
-    clean: str = "auto"  # none | html | auto: as the pretrained model's data was
+    clean: str = "auto"  # as DataConfig.clean; auto: as the pretrained model's data was
     batch_size: int = 32
     train_steps: int = 1000
     eval_every: int = 200
@@ -340,12 +350,14 @@ class FinetuneConfig:
             raise ConfigError(f"--num_classes={self.num_classes}: need 2 or more (0: from the training labels)")
         if self.truncation not in TRUNCATIONS:
             raise ConfigError(f"--truncation={self.truncation!r}: expected one of {', '.join(TRUNCATIONS)}")
-        if self.clean not in ("auto",) + CLEANINGS:
-            raise ConfigError(f"--clean={self.clean!r}: expected one of auto, {', '.join(CLEANINGS)}")
+        if self.clean != "auto":
+            clean_steps(self.clean)
         if not 0.0 <= self.validation_fraction < 0.5:
             raise ConfigError(f"--validation_fraction={self.validation_fraction}: must be in [0, 0.5)")
         if bool(self.validation_fraction) == bool(self.validation_file):
             raise ConfigError("give either --validation_file or --validation_fraction (held out of --train_file)")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            raise ConfigError(f"--layer_lr_decay={self.layer_lr_decay}: must be in (0, 1] (1: off)")
         if not 0.0 <= self.classifier_dropout < 1.0:
             raise ConfigError(f"--classifier_dropout={self.classifier_dropout}: must be in [0, 1)")
         self.optimizer.validate()

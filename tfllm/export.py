@@ -27,7 +27,7 @@ from tfllm.config import ConfigError
 from tfllm.data.cleaning import clean_strings
 from tfllm.quantize import FloatTwin, TwinServing, quantization_mode, save_for_serving
 from tfllm.restore import EXPORT_FILE
-from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
+from tfllm.tokenizers import EOD_ID, PAD_ID, Encoding, Tokenizer
 
 
 class ServingModule(TwinServing):
@@ -61,12 +61,10 @@ class ServingModule(TwinServing):
         # Cut each row at its first generated <eod>: what follows belongs to no document.
         after_eod = tf.math.cumsum(tf.cast(is_new & tf.equal(generated, EOD_ID), tf.int32), axis=1) > 0
         new = tf.ragged.boolean_mask(generated, is_new & ~after_eod)
-        return {"text": self.tokenizer.detokenize(new)}
+        return {"text": self.tokenizer.continuations(ids, new)}
 
     def _score(self, texts):
-        ids = self.tokenizer.tokenize(clean_strings(texts, self.clean))[:, : self.context - 1]
-        eod = tf.fill([tf.shape(texts)[0], 1], EOD_ID)
-        full = tf.concat([eod, ids], axis=1)
+        full = Encoding(self.context, "head", self.clean).token_ids(self.tokenizer, texts)
         lengths = tf.cast(full.row_lengths(), tf.int32)
         dense = full.to_tensor(default_value=PAD_ID)
         inputs, targets = dense[:, :-1], dense[:, 1:]

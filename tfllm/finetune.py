@@ -23,17 +23,19 @@ import tensorflow as tf
 from tfllm import atomic, distributed, labelled
 from tfllm.checkpoint import CheckpointError, CheckpointManager
 from tfllm.classifier import (ClassifierServing, balanced_class_weights, build_classifier, classification_report,
-                              classifier_chain, confusion_png, format_report, head_variables, make_loss_fn)
-from tfllm.config import ConfigError, FinetuneConfig, ModelConfig
+                              classifier_chain, confusion_png, format_report, head_variables, layer_lr_scales,
+                              make_loss_fn)
+from tfllm.config import ConfigError, FinetuneConfig, ModelConfig, clean_steps
 from tfllm.export import output_dir
 from tfllm.models import build_causal_lm
+from tfllm.optimizer import make_optimizer
 from tfllm.quantize import quantize, refuse_quantized, save_for_serving
 from tfllm.restore import (EXPORT_FILE, TOKENIZER_DIR, is_export, load_export_model, load_trained_model,
                            read_export_record, read_model_dir)
 from tfllm.loop import MetricsLog, Task, TrainLoop
 from tfllm.step import TrainStep, sync_state
-from tfllm.tokenizers import load_tokenizer
-from tfllm.train import _agree, make_optimizer
+from tfllm.tokenizers import Encoding, load_tokenizer
+from tfllm.train import _agree
 
 FINETUNE_FILE = "finetune.json"
 
@@ -90,8 +92,8 @@ def _prepare_model_dir(cfg: FinetuneConfig, classes: list[str], model_cfg: Model
     atomic.write_json(path, record)
 
 
-def encoding(cfg: FinetuneConfig) -> labelled.Encoding:
-    return labelled.Encoding(cfg.max_length, cfg.truncation, cfg.clean)
+def encoding(cfg: FinetuneConfig) -> Encoding:
+    return Encoding(cfg.max_length, cfg.truncation, cfg.clean)
 
 
 def split_examples(cfg: FinetuneConfig) -> tuple[labelled.Examples, labelled.Examples]:
@@ -240,8 +242,10 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
         raise ConfigError(f"--max_length={cfg.max_length} exceeds the pretrained model's context ({context} positions)"
                           + ("; --truncation=head_tail keeps a long text's start and end within it"
                              if cfg.truncation == "head" else ""))
-    if cfg.clean == "auto":  # the text as pretraining saw it; finetune.json records the choice
-        cfg = dataclasses.replace(cfg, clean=pretrained_cfg.data.clean)
+    # "auto": the text as pretraining saw it. Written in run order, so that resuming with the same
+    # steps listed otherwise is not taken for a change; finetune.json records the choice.
+    clean = pretrained_cfg.data.clean if cfg.clean == "auto" else cfg.clean
+    cfg = dataclasses.replace(cfg, clean=",".join(clean_steps(clean)) or "none")
     classes, train_rows, val_rows, test_rows = _load_data(cfg, tokenizer)
     _agree(lambda: _prepare_model_dir(cfg, classes, pretrained_cfg.model))
     if cfg.init == "scratch":
@@ -249,7 +253,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     else:
         backbone = load_trained_model(cfg.pretrained_dir).model.backbone
     model = build_classifier(backbone, len(classes), cfg.pooling, cfg.classifier_dropout)
-    optimizer = make_optimizer(cfg.optimizer, cfg.train_steps, world.size, model, "float32")
+    optimizer = make_optimizer(cfg.optimizer, cfg.train_steps, world.size, model, "float32",
+                               lr_scales=layer_lr_scales(model, backbone, cfg.layer_lr_decay))
     weights = balanced_class_weights(train_rows[:, 0], len(classes)) if cfg.class_weighted else None
     loss_fn = make_loss_fn(weights)
     clip = cfg.optimizer.clip_norm
@@ -275,6 +280,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
         metrics_log.writer.hparams({"init": cfg.init, "pooling": cfg.pooling, "learning_rate": cfg.optimizer.learning_rate,
                                     "batch_size": cfg.batch_size, "global_batch": rows.global_batch,
                                     "max_length": cfg.max_length, "freeze_backbone_steps": cfg.freeze_backbone_steps,
+                                    "layer_lr_decay": cfg.layer_lr_decay,
                                     "classes": len(classes), "world_size": world.size,
                                     "model.family": pretrained_cfg.model.family,
                                     "model.num_layers": pretrained_cfg.model.num_layers},

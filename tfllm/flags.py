@@ -12,7 +12,7 @@ import os
 from absl import flags
 
 from tfllm import preset
-from tfllm.config import (CLEANINGS, MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, TRUNCATIONS, WEIGHT_INITS, Config,
+from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, TRUNCATIONS, WEIGHT_INITS, Config,
                           ConfigError, DataConfig, DistillConfig, FinetuneConfig, ModelConfig, OptimizerConfig,
                           TrainConfig)
 from tfllm.generate import STRATEGIES, SamplingConfig
@@ -51,8 +51,9 @@ def define_data_flags() -> None:
                       "document: hold out whole documents by seeded hash; tail: the last fraction of the text.")
     flags.DEFINE_integer("num_shards", _D.num_shards, "TFRecord shards per split.")
     flags.DEFINE_string("jsonl_field", _D.jsonl_field, "Text field of .jsonl records.")
-    flags.DEFINE_enum("clean", _D.clean, list(CLEANINGS), "Text cleaning before tokenization: html turns <br> "
-                      "into newlines, drops tags and decodes common entities (web text such as reviews).")
+    flags.DEFINE_string("clean", _D.clean, "Text cleaning before tokenization, none or steps joined by commas: html "
+                        "turns <br> into newlines, drops tags and decodes common entities (web text such as reviews); "
+                        "ptb undoes Penn Treebank tokenization (\"does n't\", \"-lrb-\": SST-2); lower lowercases.")
     flags.DEFINE_string("parquet_column", _D.parquet_column, "Text column of .parquet files (Hugging Face datasets).")
     flags.DEFINE_integer("workers", _D.workers, "Tokenizing threads per rank (0: the usable cores, shared among "
                          "the ranks on a host). The output does not depend on it.")
@@ -203,6 +204,9 @@ def define_finetune_flags() -> None:
     flags.DEFINE_enum("pooling", f.pooling, ["last", "mean"], "Backbone output pooling: last real token or mean.")
     flags.DEFINE_float("classifier_dropout", f.classifier_dropout, "Dropout before the classification head.")
     flags.DEFINE_integer("freeze_backbone_steps", f.freeze_backbone_steps, "Train only the head for the first N steps.")
+    flags.DEFINE_float("layer_lr_decay", f.layer_lr_decay,
+                       "Layer-wise learning-rate decay: the head learns at --learning_rate, each transformer layer "
+                       "below at this factor of the one above, the embeddings last. 1: every layer at the full rate.")
     flags.DEFINE_bool("class_weighted", f.class_weighted, "Weight the loss by inverse class frequency.")
     flags.DEFINE_integer("max_train_examples", f.max_train_examples, "Use N training examples drawn at random (0: all).")
     flags.DEFINE_float("validation_fraction", f.validation_fraction, "Hold out this share of --train_file, drawn at "

@@ -10,8 +10,8 @@ validation (`hold_out`) are drawn at random, and training batches are shuffled e
 An example is encoded as one int32 row `[label, <eod>, tokens..., <pad>...]` of length
 1 + max_length: the label rides in column 0 so that classification batches travel through the
 same distributed step as language-model windows. <eod> first, because pretraining saw every
-document begin after one. `Encoding` (cleaning, then truncation to max_length) is TensorFlow ops,
-shared by training, evaluation and the exported `classify` signature.
+document begin after one. `tokenizers.Encoding` (cleaning, then truncation to max_length) is
+TensorFlow ops, shared by training, evaluation and the exported `classify` signature.
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tfllm.config import TRUNCATIONS
 from tfllm.data import cleaning
-from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
+from tfllm.tokenizers import PAD_ID, Encoding, Tokenizer
 
 FORMATS = ("auto", "tsv", "csv", "jsonl")
-HEAD_SHARE = 4  # head_tail keeps the first 1/HEAD_SHARE of the token budget, the rest from the end
 NO_LABEL = -1  # rows added to fill a last evaluation batch; excluded from every metric
 
 
@@ -56,36 +54,6 @@ class Examples:
     def take(self, index) -> "Examples":
         return Examples([self.texts[i] for i in index], [self.labels[i] for i in index], self.path,
                         [self.lines[i] for i in index] if self.lines else [])
-
-
-@dataclasses.dataclass(frozen=True)
-class Encoding:
-    """How a text becomes the tokens of one row."""
-    max_length: int  # tokens per row, <eod> included
-    truncation: str = "head"  # head: the first tokens; head_tail: the first quarter and the end
-    clean: str = "none"  # tfllm.data.cleaning
-
-    def token_ids(self, tokenizer: Tokenizer, texts: tf.Tensor) -> tf.RaggedTensor:
-        """[N] strings -> [N, None] int32 ids: <eod>, then at most max_length - 1 text tokens."""
-        ids = tf.cast(tokenizer.tokenize(cleaning.clean_strings(texts, self.clean)), tf.int32)
-        ids = truncate(ids, self.max_length - 1, self.truncation)
-        eod = tf.fill(tf.stack([tf.shape(texts)[0], 1]), EOD_ID)
-        return tf.concat([eod, ids], axis=1)
-
-
-def truncate(ids: tf.RaggedTensor, n: int, how: str) -> tf.RaggedTensor:
-    """Each row cut to n ids. head_tail keeps n // HEAD_SHARE from the start and the rest from the
-    end: a long review's verdict tends to be in its last lines (Sun et al. 2019, "How to Fine-Tune
-    BERT for Text Classification", found head+tail best on IMDB)."""
-    if how == "head":
-        return ids[:, :n]
-    if how != "head_tail":
-        raise LabelledDataError(f"--truncation={how!r}: expected one of {', '.join(TRUNCATIONS)}")
-    lengths = ids.row_lengths()
-    head_end = tf.minimum(lengths, n // HEAD_SHARE)
-    tail_start = tf.maximum(head_end, lengths - (n - n // HEAD_SHARE))
-    index = tf.concat([tf.ragged.range(tf.zeros_like(lengths), head_end), tf.ragged.range(tail_start, lengths)], axis=1)
-    return tf.gather(ids, index, batch_dims=1)
 
 
 def _open(path: str):

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from tfllm import atomic, distill, distributed, preset
 from tfllm.checkpoint import CheckpointError, CheckpointManager
-from tfllm.config import Config, ConfigError, OptimizerConfig, model_mismatch
+from tfllm.config import Config, ConfigError, model_mismatch
 from tfllm.data.corpus import CorpusError
 from tfllm.data.pipeline import DataError, WindowDataset
 from tfllm.data.prepare import ensure_prepared
@@ -30,60 +30,12 @@ from tfllm.generate import SamplingConfig, generate_text
 from tfllm.loop import LoopState, MetricsLog, Task, TrainLoop, current_lr
 from tfllm.malloc import active_allocator
 from tfllm.models import build_causal_lm, count_params, flops_per_token, lm_chain, lm_loss_sums, perplexity
+from tfllm.optimizer import make_optimizer
 from tfllm.profiler import StepProfiler
 from tfllm.restore import CONFIG_FILE, TOKENIZER_DIR
 from tfllm.step import TrainStep, sync_state
 from tfllm.summary import device_peak_flops
 from tfllm.tokenizers import load_tokenizer
-
-
-class WorldScaled(keras.optimizers.schedules.LearningRateSchedule):
-    """A schedule times the current world size, held in a variable so that elastic mode can
-    change it on a resize without retracing the optimizer's update."""
-
-    def __init__(self, schedule, world_size: int):
-        self.schedule = schedule
-        self.world_size = tf.Variable(float(world_size), trainable=False, name="lr_world_size")
-
-    def __call__(self, step):
-        return self.schedule(step) * tf.cast(self.world_size, tf.float32)
-
-    def get_config(self):
-        return {"schedule": keras.optimizers.schedules.serialize(self.schedule),
-                "world_size": float(self.world_size.numpy())}
-
-
-def make_optimizer(cfg: OptimizerConfig, train_steps: int, world_size: int, model, precision: str,
-                   elastic: bool = False):
-    """AdamW with linear warmup then cosine decay to min_learning_rate.
-
-    --scale_lr_with_world_size multiplies both learning rates by the number of ranks (the
-    linear scaling rule of Goyal et al. 2017): the global batch grows with the world, so the
-    step size grows with it; warmup keeps the early large steps stable.
-    Elastic mode scales by the world size of each step instead (`WorldScaled`): the learning
-    rate follows the global batch through resizes.
-    """
-    factor = world_size if cfg.scale_lr_with_world_size and not elastic else 1
-    peak, floor = cfg.learning_rate * factor, cfg.min_learning_rate * factor
-    warmup = min(cfg.warmup_steps, max(train_steps - 1, 0))
-    decay = max(1, (cfg.decay_steps or train_steps) - warmup)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup else peak, decay_steps=decay, alpha=floor / peak,
-        warmup_target=peak if warmup else None, warmup_steps=warmup)
-    if elastic and cfg.scale_lr_with_world_size:
-        schedule = WorldScaled(schedule, world_size)
-    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay, beta_1=cfg.beta1,
-                                       beta_2=cfg.beta2, epsilon=cfg.epsilon)
-    excluded = []
-    for v in model.trainable_variables:
-        is_bias = v.path.rsplit("/", 1)[-1] == "bias"  # attention biases are 2-D ([heads, head_dim])
-        is_norm_or_embedding = len(v.shape) < 2 or "embedding" in v.path
-        if is_bias or (is_norm_or_embedding and not cfg.decay_embeddings_and_norms):
-            excluded.append(v)
-    optimizer.exclude_from_weight_decay(var_list=excluded)
-    if precision == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
 
 
 def _agree(fn):
