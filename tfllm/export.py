@@ -60,8 +60,9 @@ class ServingModule(TwinServing):
         is_new = (positions >= lengths[:, tf.newaxis]) & (positions < (lengths + max_new_tokens)[:, tf.newaxis])
         # Cut each row at its first generated <eod>: what follows belongs to no document.
         after_eod = tf.math.cumsum(tf.cast(is_new & tf.equal(generated, EOD_ID), tf.int32), axis=1) > 0
-        new = tf.ragged.boolean_mask(generated, is_new & ~after_eod)
-        return {"text": self.tokenizer.continuations(ids, new)}
+        kept = is_new & ~after_eod
+        whole = tf.ragged.boolean_mask(generated, (positions < lengths[:, tf.newaxis]) | kept)
+        return {"text": self.tokenizer.continuations(ids, whole, tf.ragged.boolean_mask(generated, kept))}
 
     def _score(self, texts):
         full = Encoding(self.context, "head", self.clean).token_ids(self.tokenizer, texts)

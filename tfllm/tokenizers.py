@@ -78,19 +78,21 @@ class Tokenizer(tf.Module):
         ids = tf.ragged.constant([list(ids)], dtype=tf.int32)
         return self.detokenize(ids)[0].numpy().decode("utf-8", errors="replace")
 
-    def continuations(self, prompt_ids: tf.RaggedTensor, new_ids: tf.RaggedTensor) -> tf.Tensor:
-        """[N] texts that `new_ids` add after their prompts, in-graph. Decoded with the prompt,
-        because WordPiece puts the space between words at detokenization: alone, "a great film"
-        after "This movie was" would read "This movie wasa great film"."""
-        prompt_ids, new_ids = tf.cast(prompt_ids, tf.int32), tf.cast(new_ids, tf.int32)
-        whole, prompt = self.detokenize(tf.concat([prompt_ids, new_ids], axis=1)), self.detokenize(prompt_ids)
+    def continuations(self, prompt_ids: tf.RaggedTensor, whole_ids: tf.RaggedTensor,
+                      new_ids: tf.RaggedTensor) -> tf.Tensor:
+        """[N] texts that `new_ids` add after their prompts (`whole_ids`: prompt then new), in-graph.
+        Decoded with the prompt, because WordPiece puts the space between words at detokenization:
+        alone, "a great film" after "This movie was" would read "This movie wasa great film".
+        The caller passes the whole rows because a ragged concat here would log an oneDNN error line."""
+        whole, prompt = self.detokenize(whole_ids), self.detokenize(prompt_ids)
         n = tf.strings.length(prompt)
         joined = tf.equal(tf.strings.substr(whole, tf.zeros_like(n), n), prompt)
         return tf.where(joined, tf.strings.substr(whole, n, tf.strings.length(whole) - n), self.detokenize(new_ids))
 
     def continuation(self, prompt_ids: list[int], new_ids: list[int]) -> str:
         """`continuations` for one prompt, as a Python string."""
-        ids = [tf.ragged.constant([list(x)], dtype=tf.int32, ragged_rank=1) for x in (prompt_ids, new_ids)]
+        rows = [list(prompt_ids), list(prompt_ids) + list(new_ids), list(new_ids)]
+        ids = [tf.ragged.constant([row], dtype=tf.int32, ragged_rank=1) for row in rows]
         return self.continuations(*ids)[0].numpy().decode("utf-8", errors="replace")
 
     def save(self, directory: str) -> dict[str, str]:
