@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import run
-from tfllm.config import ConfigError, DataConfig
+from tfllm.config import ConfigError, DataConfig, canonical_clean
 from tfllm.data import cleaning
 from tfllm.data.prepare import prepare
 from tfllm.tokenizers import load_tokenizer
@@ -23,17 +23,20 @@ def test_html_rules():
         cleaning.clean_texts(["x"], "xml")
 
 
-def test_ptb_rules_undo_treebank_tokenization():
-    """SST-2's text reads as ordinary text again, which is what a model pretrained on reviews saw."""
+def test_ptb_rules_undo_treebank_tokenization_and_leave_ordinary_text_alone():
+    """SST-2's text reads as ordinary text again, which is what a model pretrained on reviews saw;
+    a served classifier cleans its users' text the same way, so that text must pass unharmed."""
     sst2 = "it does n't work , and it 's -lrb- sort of -rrb- `` bad '' ; ca n't , wo n't , $ 5 -LSB- sic -RSB- ."
-    assert cleaning.clean_texts([sst2], "ptb") == [
-        'it doesn\'t work, and it\'s (sort of) " bad "; can\'t, won\'t, $5 [sic].']
-    assert cleaning.clean_texts(["rock 's big 'n' roll"], "ptb") == ["rock's big 'n' roll"]
+    assert cleaning.clean_texts([sst2], "ptb") == ['it doesn\'t work, and it\'s (sort of) "bad"; can\'t, won\'t, $5 [sic].']
+    assert cleaning.clean_texts(["that 's it", "i 'm done !"], "ptb") == ["that's it", "i'm done!"]
+    ordinary = ["rock 'n' roll in the '90s", "the letter 's' is", "the 're-release' of 10$ or more", "it's fine."]
+    assert cleaning.clean_texts(ordinary, "ptb") == ordinary
 
 
 def test_steps_run_in_one_order_and_bad_lists_are_refused():
     assert cleaning.clean_texts(["The <b>Film</b> Does N'T Work"], "lower,html,ptb") == ["the film doesn't work"]
     assert cleaning.clean_texts(["Ünïcode ÉTÉ"], "lower") == ["ünïcode été"]
+    assert canonical_clean("lower,ptb,html") == "html,ptb,lower" and canonical_clean("none") == "none"
     for bad in ("html,html", "html,", "none,html", "", "HTML"):
         with pytest.raises(ConfigError, match=f"--clean='{bad}': expected none, or one or more of html, ptb, lower"):
             cleaning.clean_texts(["x"], bad)

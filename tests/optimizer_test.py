@@ -1,6 +1,7 @@
 """Per-variable learning-rate scales (layer-wise decay for fine-tuning) on top of AdamW."""
 
 import dataclasses
+import re
 
 import keras
 import numpy as np
@@ -48,6 +49,17 @@ def test_a_scaled_variable_steps_as_adamw_at_the_scaled_rate(jit):
     np.testing.assert_allclose(scaled.numpy(), references["scaled"][0].numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(full.numpy(), references["full"][0].numpy(), rtol=1e-6, atol=1e-7)
     assert not np.allclose(scaled.numpy(), full.numpy())
+    # AdamW's variable paths (up to Keras's _N numbering of a process's optimizers), so that a
+    # checkpoint resumes with or without --layer_lr_decay
+    def paths(optimizer):
+        return [re.sub(r"^adam_w_\d+/", "adam_w/", v.path) for v in optimizer.variables]
+    assert paths(ours) == paths(_built_adamw([scaled, full]))
+
+
+def _built_adamw(variables):
+    optimizer = keras.optimizers.AdamW()
+    optimizer.build(variables)
+    return optimizer
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

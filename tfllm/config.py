@@ -37,6 +37,12 @@ def clean_steps(how: str, flag: str = "--clean") -> tuple[str, ...]:
     return tuple(step for step in CLEANING_STEPS if step in names)
 
 
+def canonical_clean(how: str, flag: str = "--clean") -> str:
+    """A --clean value written in run order ("ptb,html" -> "html,ptb"), so that the same steps
+    listed otherwise compare equal in manifests and on resume."""
+    return ",".join(clean_steps(how, flag)) or "none"
+
+
 @dataclasses.dataclass
 class DataConfig:
     corpus: list[str] = dataclasses.field(default_factory=lambda: ["builtin:python-stdlib"])

@@ -25,7 +25,7 @@ from tfllm.checkpoint import CheckpointError, CheckpointManager
 from tfllm.classifier import (ClassifierServing, balanced_class_weights, build_classifier, classification_report,
                               classifier_chain, confusion_png, format_report, head_variables, layer_lr_scales,
                               make_loss_fn)
-from tfllm.config import ConfigError, FinetuneConfig, ModelConfig, clean_steps
+from tfllm.config import ConfigError, FinetuneConfig, ModelConfig, canonical_clean
 from tfllm.export import output_dir
 from tfllm.models import build_causal_lm
 from tfllm.optimizer import make_optimizer
@@ -242,10 +242,9 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
         raise ConfigError(f"--max_length={cfg.max_length} exceeds the pretrained model's context ({context} positions)"
                           + ("; --truncation=head_tail keeps a long text's start and end within it"
                              if cfg.truncation == "head" else ""))
-    # "auto": the text as pretraining saw it. Written in run order, so that resuming with the same
-    # steps listed otherwise is not taken for a change; finetune.json records the choice.
+    # "auto": the text as pretraining saw it; finetune.json records the choice.
     clean = pretrained_cfg.data.clean if cfg.clean == "auto" else cfg.clean
-    cfg = dataclasses.replace(cfg, clean=",".join(clean_steps(clean)) or "none")
+    cfg = dataclasses.replace(cfg, clean=canonical_clean(clean))
     classes, train_rows, val_rows, test_rows = _load_data(cfg, tokenizer)
     _agree(lambda: _prepare_model_dir(cfg, classes, pretrained_cfg.model))
     if cfg.init == "scratch":

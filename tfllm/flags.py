@@ -14,7 +14,7 @@ from absl import flags
 from tfllm import preset
 from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, TRUNCATIONS, WEIGHT_INITS, Config,
                           ConfigError, DataConfig, DistillConfig, FinetuneConfig, ModelConfig, OptimizerConfig,
-                          TrainConfig)
+                          TrainConfig, canonical_clean)
 from tfllm.generate import STRATEGIES, SamplingConfig
 from tfllm.restore import CONFIG_FILE
 
@@ -53,7 +53,8 @@ def define_data_flags() -> None:
     flags.DEFINE_string("jsonl_field", _D.jsonl_field, "Text field of .jsonl records.")
     flags.DEFINE_string("clean", _D.clean, "Text cleaning before tokenization, none or steps joined by commas: html "
                         "turns <br> into newlines, drops tags and decodes common entities (web text such as reviews); "
-                        "ptb undoes Penn Treebank tokenization (\"does n't\", \"-lrb-\": SST-2); lower lowercases.")
+                        "ptb undoes Penn Treebank tokenization (\"does n't\", \"-lrb-\": SST-2); lower lowercases. Steps run in "
+                        "that order, whatever the order written. Fine-tuning defaults to the pretraining data's.")
     flags.DEFINE_string("parquet_column", _D.parquet_column, "Text column of .parquet files (Hugging Face datasets).")
     flags.DEFINE_integer("workers", _D.workers, "Tokenizing threads per rank (0: the usable cores, shared among "
                          "the ranks on a host). The output does not depend on it.")
@@ -232,7 +233,7 @@ def data_config_from_flags() -> DataConfig:
         val_fraction=FLAGS.val_fraction, split=FLAGS.split, num_shards=FLAGS.num_shards, jsonl_field=FLAGS.jsonl_field,
         on_decode_error=FLAGS.on_decode_error, max_corpus_bytes=FLAGS.max_corpus_bytes,
         tokenizer_sample_bytes=FLAGS.tokenizer_sample_bytes, seed=FLAGS.data_seed, overwrite=FLAGS.overwrite,
-        parquet_column=FLAGS.parquet_column, workers=FLAGS.workers, clean=FLAGS.clean)
+        parquet_column=FLAGS.parquet_column, workers=FLAGS.workers, clean=canonical_clean(FLAGS.clean))
 
 
 def model_config_from_flags() -> ModelConfig:

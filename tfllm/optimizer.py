@@ -41,6 +41,8 @@ class ScaledAdamW(keras.optimizers.AdamW):
     """
 
     def __init__(self, lr_scales: Mapping[str, float], **kwargs):
+        # AdamW's name, hence its variables' paths: a run can resume with another --layer_lr_decay.
+        kwargs.setdefault("name", "adam_w")
         super().__init__(**kwargs)
         self.lr_scales = dict(lr_scales)
         self._scale_by_index: list[float] = []

@@ -85,7 +85,8 @@ class Tokenizer(tf.Module):
         alone, "a great film" after "This movie was" would read "This movie wasa great film".
         The caller passes the whole rows because a ragged concat here would log an oneDNN error line."""
         whole, prompt = self.detokenize(whole_ids), self.detokenize(prompt_ids)
-        n = tf.strings.length(prompt)
+        # tf.where computes both branches: a prompt that decodes longer than its row must not fail the batch
+        n = tf.minimum(tf.strings.length(prompt), tf.strings.length(whole))
         joined = tf.equal(tf.strings.substr(whole, tf.zeros_like(n), n), prompt)
         return tf.where(joined, tf.strings.substr(whole, n, tf.strings.length(whole) - n), self.detokenize(new_ids))
 

@@ -41,24 +41,24 @@ _HTML_RULES = (
     (r"\n{3,}", "\n\n"),
 )
 
+# Contractions join only when followed by a space, punctuation or the end, so that ordinary text
+# ("the letter 's' is", "the 're-release'") passes through: a served model sees users' text too.
 _PTB_RULES = (
-    (r"(?i) (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1"),
+    (r"(?i) (n't|'s|'re|'ve|'ll|'d|'m)([\s.,!?;:)\]}\"]|$)", r"\1\2"),
     (r"(?i)-lrb-", "("),
     (r"(?i)-rrb-", ")"),
     (r"(?i)-lsb-", "["),
     (r"(?i)-rsb-", "]"),
     (r"(?i)-lcb-", "{"),
     (r"(?i)-rcb-", "}"),
-    (r"``|''", '"'),
+    (r"`` ?", '"'),
+    (r" ?''", '"'),
     (r" ([.,!?;:%)\]}])", r"\1"),
-    (r"([(\[{$]) ", r"\1"),
+    (r"([(\[{]) ", r"\1"),
+    (r"\$ (\d)", r"$\1"),
 )
 
 _RULES = {"html": _HTML_RULES, "ptb": _PTB_RULES}
-
-
-def check(how: str, flag: str = "--clean") -> None:
-    clean_steps(how, flag)
 
 
 def clean_strings(strings: tf.Tensor, how: str, strip: bool = True) -> tf.Tensor:

@@ -3,7 +3,7 @@
 Files are read as blocks (`tfllm.data.formats`), so nothing holds a whole file in memory. A
 `.txt` file is one document, cut into one piece per block; each line of a `.jsonl` file is one
 document (its text field chosen by --jsonl_field), and so is each row of a Parquet file (its
-text column chosen by --parquet_column). `--clean=html` cleans every document
+text column chosen by --parquet_column). `--clean` cleans every document
 (`tfllm.data.cleaning`); one that cleaning empties is an error naming its line. `builtin:python-stdlib` is the Python standard library's own source, which exists on
 every machine that runs tfllm, so the demo needs no download.
 """
@@ -18,7 +18,7 @@ import sysconfig
 from dataclasses import dataclass
 from typing import Iterator
 
-from tfllm.config import ConfigError
+from tfllm.config import ConfigError, clean_steps
 from tfllm.data import cleaning, formats
 from tfllm.data.formats import CorpusError  # noqa: F401  (raised here and by formats)
 
@@ -106,7 +106,7 @@ class Parser:
         self.jsonl_field = jsonl_field
         self.on_decode_error = on_decode_error
         self.parquet_column = parquet_column
-        cleaning.check(clean)
+        clean_steps(clean)
         self.clean = clean
 
     def pieces(self, path: str, block: formats.Block) -> tuple[list[Piece], int]:
@@ -137,7 +137,7 @@ class Parser:
         for i, text in enumerate(cleaned):
             if not text:
                 raise CorpusError(f"{where(i)}: the text is empty after --clean={self.clean} "
-                                  f"(it was {len(texts[i])} characters of markup: {texts[i][:60]!r})")
+                                  f"(it was {len(texts[i])} characters: {texts[i][:60]!r})")
         return cleaned
 
     def _jsonl(self, path: str, block: formats.Block) -> tuple[list[Piece], int]:
