@@ -21,6 +21,8 @@ LINES = {
     b"compiler flags.\n": (False, False),
     b"E0000 00:00:1795486099.462583   16369 util.cc:131] oneDNN supports DT_INT8 only on platforms with AVX-512. "
     b"Falling back to the default Eigen-based implementation if present.\n": (False, False),
+    b"E0000 00:00:1795533913.647856    3943 util.cc:131] oneDNN supports DT_INT64 only on platforms with AVX-512. "
+    b"Falling back to the default Eigen-based implementation if present.\n": (False, False),
     b"error: /data: no such file or directory\n": (True, True),
     b"Traceback (most recent call last):\n": (True, True),
     b"INFO:tensorflow:Assets written to: /tmp/e.tmp-1/saved_model/assets\n": (False, False),

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import run
 from tfllm import labelled
 from tfllm.tokenizers import CharTokenizer, Encoding
 
@@ -53,6 +54,20 @@ def test_head_tail_truncation_keeps_the_end():
     assert head_tail[:, 0].tolist() == [1, 1, 1] and head_tail[0, 1] == a
     long = labelled.encode(TOKENIZER, ["abcdefghij" * 3], Encoding(21, "head_tail"))
     assert TOKENIZER.decode(long[0]) == "abcde" + ("abcdefghij" * 3)[-15:]
+
+
+def test_encoding_logs_nothing_in_a_plain_process():
+    """A served model encodes outside the pipelines' console filter: a ragged concat there logged an
+    oneDNN "E0000 ... DT_INT64" line on CPUs without AVX-512, in every user's process."""
+    script = ("import json\nfrom tfllm.tokenizers import CharTokenizer, Encoding\n"
+              "t = CharTokenizer(list('abcdefghij'))\n"
+              "for how in ('head', 'head_tail'):\n"
+              "    ids = Encoding(5, how).token_ids(t, tf.constant(['abcdefghij', '', 'ab']))\n"
+              "    print(json.dumps([[t.decode(r[1:]) for r in ids.to_list()], [r[0] for r in ids.to_list()]]))\n")
+    proc = run(["-c", "import tensorflow as tf\n" + script], TF_CPP_MIN_LOG_LEVEL="0")
+    assert "oneDNN supports" not in proc.stderr, proc.stderr
+    head, head_tail = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    assert head == [["abcd", "", "ab"], [1, 1, 1]] and head_tail == [["ahij", "", "ab"], [1, 1, 1]]
 
 
 def test_encoding_cleans_in_graph():

@@ -120,9 +120,18 @@ class Encoding:
     def token_ids(self, tokenizer: Tokenizer, texts: tf.Tensor) -> tf.RaggedTensor:
         """[N] strings -> [N, None] int32 ids: <eod>, then at most max_length - 1 text tokens."""
         ids = tf.cast(tokenizer.tokenize(cleaning.clean_strings(texts, self.clean)), tf.int32)
-        ids = truncate(ids, self.max_length - 1, self.truncation)
-        eod = tf.fill(tf.stack([tf.shape(texts)[0], 1]), EOD_ID)
-        return tf.concat([eod, ids], axis=1)
+        return _prepend_eod(truncate(ids, self.max_length - 1, self.truncation))
+
+
+# Rows are built by gathers and scatters, not a ragged tf.concat: that concatenates int64 row
+# splits, whose oneDNN kernel logs an "E0000 ... oneDNN supports DT_INT64 only on platforms with
+# AVX-512" line on most CPUs, which an exported model's classify or score printed in users' processes.
+def _prepend_eod(ids: tf.RaggedTensor) -> tf.RaggedTensor:
+    n_values, rows = tf.size(ids.values, out_type=ids.row_splits.dtype), ids.nrows()
+    slots = tf.range(n_values) + ids.value_rowids() + 1  # each value moves right by its row's index + 1
+    values = tf.tensor_scatter_nd_update(tf.fill([n_values + rows], tf.constant(EOD_ID, ids.dtype)),
+                                         slots[:, None], ids.values)
+    return tf.RaggedTensor.from_row_splits(values, ids.row_splits + tf.range(rows + 1), validate=False)
 
 
 def truncate(ids: tf.RaggedTensor, n: int, how: str) -> tf.RaggedTensor:
@@ -136,8 +145,11 @@ def truncate(ids: tf.RaggedTensor, n: int, how: str) -> tf.RaggedTensor:
     lengths = ids.row_lengths()
     head_end = tf.minimum(lengths, n // HEAD_SHARE)
     tail_start = tf.maximum(head_end, lengths - (n - n // HEAD_SHARE))
-    index = tf.concat([tf.ragged.range(tf.zeros_like(lengths), head_end), tf.ragged.range(tail_start, lengths)], axis=1)
-    return tf.gather(ids, index, batch_dims=1)
+    kept = tf.ragged.range(head_end + lengths - tail_start)
+    rows = kept.value_rowids()
+    head = tf.gather(head_end, rows)
+    index = tf.where(kept.values < head, kept.values, kept.values - head + tf.gather(tail_start, rows))
+    return tf.gather(ids, kept.with_values(index), batch_dims=1)
 
 
 def _drop_specials(ids) -> tf.RaggedTensor:
