@@ -10,7 +10,8 @@ Modes (synthetic windows, warm-up steps excluded; see tfllm/benchmark.py and tfl
   overhead   tfllm's step vs a plain keras-hub `model.fit` of the same model (single process)
   variants   float32 / mixed_bfloat16 x XLA on/off (single process)
   generate   key/value-cached generation vs a full forward pass per token
-  costmodel  calibrates the ring-allreduce model on an N-rank `step` JSON, predicts 8..512 GPUs, plots a PNG
+  costmodel  calibrates the ring-allreduce model on an N-rank `step` JSON, predicts 8..512 GPUs with and
+             without buckets (--bench_buckets), plots a PNG; --buckets_json fits this machine's overlap
 
 Single process, then 2 ranks (scaling efficiency against the 1-rank JSON), then the cost model:
     python -m pipelines.benchmark --flagfile=flags/shakespeare_char.cfg --mode=step --output_json=.bench/step1.json
@@ -27,11 +28,11 @@ import json
 
 from absl import flags
 
-from tfllm import atomic, benchmark, cli, costmodel, distributed
-from tfllm.config import ConfigError, TrainConfig
+from tfllm import atomic, benchmark, cli, costmodel, distributed, segments
+from tfllm.config import ConfigError, ModelConfig, TrainConfig
 from tfllm.flags import (define_data_flags, define_model_flags, define_train_flags, model_config_from_flags,
                          preset_model_config)
-from tfllm.models import count_params, flops_per_token
+from tfllm.models import count_params, flops_per_token, lm_chain
 from tfllm.summary import SummaryWriter
 
 define_data_flags()
@@ -39,7 +40,7 @@ define_model_flags()
 define_train_flags()  # so that pretraining flagfiles drive the benchmark as they are
 flags.DEFINE_enum("mode", "step", ["step", "buckets", "overhead", "variants", "generate", "costmodel"],
                   "What to measure.")
-flags.DEFINE_list("bench_buckets", ["1", "2", "4", "8"], "buckets mode: --allreduce_buckets values to compare.")
+flags.DEFINE_list("bench_buckets", ["1", "2", "4", "8"], "buckets and costmodel modes: --allreduce_buckets values.")
 flags.DEFINE_integer("bench_vocab", 68, "Vocabulary size of the synthetic data.")
 flags.DEFINE_integer("bench_steps", 60, "Measured steps.")
 flags.DEFINE_integer("bench_warmup", 10, "Unmeasured warm-up steps (tracing, XLA compilation).")
@@ -51,12 +52,17 @@ flags.DEFINE_string("calibration_json", "", "costmodel mode: an N-rank (N >= 2) 
 flags.DEFINE_string("plot", "", "costmodel mode: write the efficiency curves here (PNG).")
 flags.DEFINE_float("gpu_peak_tflops", 989.0, "costmodel: dense bf16 peak per GPU (H100 SXM).")
 flags.DEFINE_float("gpu_mfu", 0.4, "costmodel: assumed MFU of the per-GPU compute.")
-flags.DEFINE_integer("gpu_tokens_per_step", 16 * 1024, "costmodel: tokens per GPU per step.")
+flags.DEFINE_integer("gpu_tokens_per_step", 16 * 1024, "costmodel: tokens per GPU per optimizer step.")
+flags.DEFINE_integer("gpu_micro_batches", 1, "costmodel: micro-batches those tokens are accumulated over; only "
+                     "the last one's backward pass can hide the allreduce.")
 flags.DEFINE_float("intra_node_gbps", 300.0, "costmodel: allreduce bus bandwidth inside a node, GB/s (NVLink).")
 flags.DEFINE_float("inter_node_gbps", 40.0, "costmodel: per-GPU network bandwidth, GB/s (400 Gb/s NIC per GPU).")
 flags.DEFINE_float("intra_node_latency_us", 5.0, "costmodel: ring step latency inside a node.")
 flags.DEFINE_float("inter_node_latency_us", 10.0, "costmodel: ring step latency across nodes.")
 flags.DEFINE_integer("gpus_per_node", 8, "costmodel: GPUs per node.")
+flags.DEFINE_float("gpu_overlap", 1.0, "costmodel: share of the link's speed an allreduce keeps while the backward "
+                   "pass runs (1: no contention, as with NCCL next to GPU kernels; 0: nothing hides).")
+flags.DEFINE_string("buckets_json", "", "costmodel mode: a --mode=buckets record of this machine; fits its overlap.")
 flags.DEFINE_string("output_json", "", "Also write the JSON result here.")
 flags.DEFINE_string("tb_dir", "", "Also log the numeric results to TensorBoard here (split benchmark/<mode>).")
 FLAGS = flags.FLAGS
@@ -70,20 +76,66 @@ def _read_json(path: str, what: str) -> dict:
         raise ConfigError(f"--{what}={path}: cannot read a benchmark JSON ({e})") from None
 
 
-def _costmodel(cfg) -> tuple[dict, list]:
+def _pieces(cfg, seq_len: int) -> tuple[list, list[int], int]:
+    """The model's pieces for the cost model, its units' parameter counts (top first, what
+    `--allreduce_buckets` balances) and its size."""
     model = benchmark.build(cfg)
-    params = count_params(model)
+    sizes = segments.unit_params(lm_chain(model), model.trainable_variables)
+    return costmodel.lm_pieces(sizes, cfg.vocab_size, cfg.hidden_dim, seq_len), sizes, count_params(model)
+
+
+def _fit_overlap(calibration: dict) -> dict:
+    """--buckets_json: the overlap that predicts this machine's bucketed steps, from the link that
+    --calibration_json fitted (the record's own model and bucket plan)."""
+    record = _read_json(FLAGS.buckets_json, "buckets_json")
+    try:
+        cfg = ModelConfig(**record["model"])
+        pieces, sizes, _ = _pieces(cfg, record["seq_len"])
+        runs = record["runs"]
+        cuts = {r["allreduce_buckets"]: segments.balanced_cuts(sizes, r["allreduce_buckets"]) for r in runs}
+        link = costmodel.Link(calibration["bandwidth_bytes_per_s"], calibration["latency_s"])
+        n, wire = record["world_size"], 2 if record["fp16_allreduce"] else 4
+        if n < 2:
+            raise ValueError("it was measured on one rank, where nothing is reduced")
+        overlap = costmodel.fit_overlap(runs, pieces, cuts, n, link, wire)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"--buckets_json={FLAGS.buckets_json}: not a usable --mode=buckets record "
+                          f"({'no field ' + str(e) if isinstance(e, KeyError) else e})") from None
+    rows = []
+    for r in runs:
+        model = costmodel.bucketed_step(pieces, cuts[r["allreduce_buckets"]], r["compute_ms"] / 1000, n, link, wire,
+                                        overlap)
+        rows.append({"allreduce_buckets": r["allreduce_buckets"], "measured_step_ms": r["step_ms"],
+                     "predicted_step_ms": 1000 * model["step_s"], "measured_hidden_share": r["hidden_share"],
+                     "predicted_hidden_share": model["hidden_share"]})
+    return {"overlap": overlap, "world_size": n, "runs": rows}
+
+
+def _costmodel(cfg) -> tuple[dict, list]:
+    record = _read_json(FLAGS.calibration_json, "calibration_json")
+    counts = _bucket_counts(cfg)
+    pieces, sizes, params = _pieces(cfg, FLAGS.seq_len)
+    cuts = {b: segments.balanced_cuts(sizes, b) for b in counts}
     scenario = costmodel.GpuScenario(
         params, flops_per_token(cfg, FLAGS.seq_len, params), FLAGS.gpu_tokens_per_step,
         FLAGS.gpu_peak_tflops * 1e12, FLAGS.gpu_mfu, 2 if FLAGS.fp16_allreduce else 4, costmodel.Cluster(
             costmodel.Link(FLAGS.intra_node_gbps * 1e9, FLAGS.intra_node_latency_us * 1e-6),
-            costmodel.Link(FLAGS.inter_node_gbps * 1e9, FLAGS.inter_node_latency_us * 1e-6), FLAGS.gpus_per_node))
-    record = _read_json(FLAGS.calibration_json, "calibration_json")
+            costmodel.Link(FLAGS.inter_node_gbps * 1e9, FLAGS.inter_node_latency_us * 1e-6), FLAGS.gpus_per_node),
+        FLAGS.gpu_micro_batches)
     try:
-        return costmodel.report(record, scenario, FLAGS.plot)
+        result, table = costmodel.report(record, scenario, FLAGS.plot, pieces, cuts, FLAGS.gpu_overlap)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"--calibration_json={FLAGS.calibration_json}: not a usable N-rank step record "
                           f"({'no field ' + str(e) if isinstance(e, KeyError) else e})") from None
+    if FLAGS.buckets_json:
+        result["local_overlap"] = fit = _fit_overlap(result["calibration"])
+        print(f"overlap fitted to {FLAGS.buckets_json} ({fit['world_size']} ranks): {fit['overlap']:.3f}")
+        print(benchmark.markdown([["allreduce buckets", "step ms (measured)", "step ms (model)", "hidden (measured)",
+                                   "hidden (model)"]] + [
+            [r["allreduce_buckets"], f"{r['measured_step_ms']:.1f}", f"{r['predicted_step_ms']:.1f}",
+             f"{100 * r['measured_hidden_share']:.1f}%", f"{100 * r['predicted_hidden_share']:.1f}%"]
+            for r in fit["runs"]]))
+    return result, table
 
 
 def _model_config():
@@ -97,8 +149,11 @@ def _model_config():
 
 
 def _bucket_counts(cfg) -> tuple[int, ...]:
+    """--bench_buckets; left at its default, the counts this model has units for."""
     try:
         counts = tuple(int(b) for b in FLAGS.bench_buckets)
+        if not FLAGS["bench_buckets"].present:
+            counts = tuple(b for b in counts if b <= cfg.num_layers + 2)
     except ValueError:
         raise ConfigError(f"--bench_buckets={','.join(FLAGS.bench_buckets)}: expected integers") from None
     if 1 not in counts or not all(1 <= b <= cfg.num_layers + 2 for b in counts):

@@ -62,12 +62,31 @@ def test_step_json_at_one_and_two_ranks_then_the_cost_model(tmp_path):
     assert 0 < rec2["allreduce_share"] < 1 and rec2["latency_allreduce_ms"] > 0
     assert rec2["grad_bytes"] == 4 * 27_584
 
-    run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={two}", f"--plot={png}", f"--output_json={cm}"])
+    # A --mode=buckets record of this model whose steps the overlap model made with overlap 0.25,
+    # over a link that the 2-rank step fits: the cost model finds 0.25 again.
+    from tfllm import costmodel, segments
+    from tfllm.models import lm_chain
+    model = build_causal_lm(ModelConfig(**rec2["model"]))
+    sizes = segments.unit_params(lm_chain(model), model.trainable_variables)
+    pieces = costmodel.lm_pieces(sizes, 50, 32, 16)
+    fitted = costmodel.local_calibration(rec2)
+    link = costmodel.Link(fitted["bandwidth_bytes_per_s"], fitted["latency_s"])
+    steps = {b: costmodel.bucketed_step(pieces, segments.balanced_cuts(sizes, b), 1e-3, 2, link, 4, 0.25) for b in (1, 2, 4)}
+    buckets = tmp_path / "buckets.json"
+    buckets.write_text(json.dumps({"mode": "buckets", "world_size": 2, "model": rec2["model"], "seq_len": 16,
+                                   "fp16_allreduce": False, "runs": [
+        {"allreduce_buckets": b, "step_ms": 1000 * r["step_s"], "compute_ms": 1.0, "hidden_share": r["hidden_share"]}
+        for b, r in steps.items()]}))
+    out = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={two}", f"--plot={png}", f"--output_json={cm}",
+                            "--bench_buckets=1,2,4", f"--buckets_json={buckets}"])
     result = json.loads(cm.read_text())
     cal = result["calibration"]
     assert cal["predicted_allreduce_s"] == pytest.approx(rec2["allreduce_ms"] / 1000)
     assert cal["predicted_efficiency"] == pytest.approx(1 - rec2["allreduce_share"])
-    assert png.read_bytes()[:4] == b"\x89PNG" and len(result["curves"]) == 3
+    assert png.read_bytes()[:4] == b"\x89PNG" and len(result["curves"]) == 5
+    assert list(result["curves"])[2:4] == ["16-bit gradients, 2 buckets", "16-bit gradients, 4 buckets"]
+    assert result["local_overlap"]["overlap"] == pytest.approx(0.25, abs=1e-3)
+    assert f"overlap fitted to {buckets} (2 ranks): 0.250" in out.stdout
     assert "tokens_per_sec_global" in _scalars(tmp_path / "tb")["benchmark/step"]
 
 
@@ -92,6 +111,10 @@ def test_bad_requests_are_one_line_errors(tmp_path):
     assert wrong.stderr.strip().splitlines() == [
         f"error: --calibration_json={tmp_path / 'one.json'}: not a usable N-rank step record (no field "
         "'latency_allreduce_ms')"], wrong.stderr
+    too_many = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={tmp_path / 'one.json'}",
+                                 "--bench_buckets=1,8"], check=False)
+    assert too_many.stderr.strip().splitlines() == [
+        "error: --bench_buckets=1,8: include 1 (no overlap) and stay within 1..4 for a 2-layer model"], too_many.stderr
 
 
 def test_step_is_measured_as_the_flags_configure_it(tmp_path):

@@ -126,17 +126,8 @@ def plan_buckets(chain: Chain, variables: Sequence, buckets: int) -> list[Bucket
     if not 1 <= buckets <= len(units):
         raise ValueError(f"{buckets} allreduce buckets: this model has {len(units)} units to split "
                          f"(the top, {len(chain.blocks)} transformer layers, the embeddings); use 1 to {len(units)}")
-    index = {id(v): i for i, v in enumerate(variables)}
-    owner = {}  # variable position -> position of its unit, top down; the lowest reader wins
-    for u, unit in enumerate(units):
-        for layer in unit.layers:
-            for v in layer.trainable_variables:
-                if id(v) in index:
-                    owner[index[id(v)]] = u
-    sizes = [0] * len(units)
-    for i, u in owner.items():
-        sizes[u] += math.prod(int(d) for d in variables[i].shape)
-    cuts = _balanced_cuts(sizes, buckets)
+    owner = _owners(chain, variables)
+    cuts = balanced_cuts(unit_params(chain, variables), buckets)
     plan = []
     for b, (start, stop) in enumerate(zip(cuts, cuts[1:])):
         owned = sorted(i for i, u in owner.items() if start <= u < stop)
@@ -146,7 +137,27 @@ def plan_buckets(chain: Chain, variables: Sequence, buckets: int) -> list[Bucket
     return plan
 
 
-def _balanced_cuts(sizes: list[int], buckets: int) -> list[int]:
+def _owners(chain: Chain, variables: Sequence) -> dict[int, int]:
+    """Variable position -> position of the unit (top down) that owns it: the lowest that reads it."""
+    index = {id(v): i for i, v in enumerate(variables)}
+    owner = {}
+    for u, unit in enumerate(chain.units_top_down()):
+        for layer in unit.layers:
+            for v in layer.trainable_variables:
+                if id(v) in index:
+                    owner[index[id(v)]] = u
+    return owner
+
+
+def unit_params(chain: Chain, variables: Sequence) -> list[int]:
+    """Parameters each unit (top down) owns, the sizes buckets are balanced by."""
+    sizes = [0] * len(chain.units_top_down())
+    for i, u in _owners(chain, variables).items():
+        sizes[u] += math.prod(int(d) for d in variables[i].shape)
+    return sizes
+
+
+def balanced_cuts(sizes: list[int], buckets: int) -> list[int]:
     """Boundaries [0, c1, ..., len(sizes)] of `buckets` non-empty runs with near-equal sums."""
     total = max(1, sum(sizes))
     cuts, running = [0], 0
