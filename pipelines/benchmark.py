@@ -89,29 +89,35 @@ def _fit_overlap(calibration: dict) -> dict:
     --calibration_json fitted (the record's own model and bucket plan)."""
     record = _read_json(FLAGS.buckets_json, "buckets_json")
     try:
+        n, wire, micro = record["world_size"], 2 if record["fp16_allreduce"] else 4, record.get("grad_accum_steps", 1)
+        if n < 2:
+            raise ValueError("it was measured on one rank, where nothing is reduced")
         cfg = ModelConfig(**record["model"])
         pieces, sizes, _ = _pieces(cfg, record["seq_len"])
         runs = record["runs"]
+        if not all(1 <= r["allreduce_buckets"] <= len(sizes) for r in runs):
+            raise ValueError(f"bucket counts outside 1..{len(sizes)}")
         cuts = {r["allreduce_buckets"]: segments.balanced_cuts(sizes, r["allreduce_buckets"]) for r in runs}
         link = costmodel.Link(calibration["bandwidth_bytes_per_s"], calibration["latency_s"])
-        n, wire = record["world_size"], 2 if record["fp16_allreduce"] else 4
-        if n < 2:
-            raise ValueError("it was measured on one rank, where nothing is reduced")
-        overlap = costmodel.fit_overlap(runs, pieces, cuts, n, link, wire)
+        overlap = costmodel.fit_overlap(runs, pieces, cuts, n, link, wire, micro_batches=micro)
+        rows = []
+        for r in runs:
+            model = costmodel.bucketed_step(pieces, cuts[r["allreduce_buckets"]], r["compute_ms"] / 1000, n, link,
+                                            wire, overlap, micro_batches=micro)
+            rows.append({"allreduce_buckets": r["allreduce_buckets"], "measured_step_ms": float(r["step_ms"]),
+                         "predicted_step_ms": 1000 * model["step_s"],
+                         "measured_hidden_share": float(r["hidden_share"]),
+                         "predicted_hidden_share": model["hidden_share"]})
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"--buckets_json={FLAGS.buckets_json}: not a usable --mode=buckets record "
                           f"({'no field ' + str(e) if isinstance(e, KeyError) else e})") from None
-    rows = []
-    for r in runs:
-        model = costmodel.bucketed_step(pieces, cuts[r["allreduce_buckets"]], r["compute_ms"] / 1000, n, link, wire,
-                                        overlap)
-        rows.append({"allreduce_buckets": r["allreduce_buckets"], "measured_step_ms": r["step_ms"],
-                     "predicted_step_ms": 1000 * model["step_s"], "measured_hidden_share": r["hidden_share"],
-                     "predicted_hidden_share": model["hidden_share"]})
     return {"overlap": overlap, "world_size": n, "runs": rows}
 
 
 def _costmodel(cfg) -> tuple[dict, list]:
+    if not 0 <= FLAGS.gpu_overlap <= 1 or FLAGS.gpu_micro_batches < 1:
+        raise ConfigError(f"--gpu_overlap={FLAGS.gpu_overlap} --gpu_micro_batches={FLAGS.gpu_micro_batches}: "
+                          "expected an overlap within [0, 1] and at least one micro-batch")
     record = _read_json(FLAGS.calibration_json, "calibration_json")
     counts = _bucket_counts(cfg)
     pieces, sizes, params = _pieces(cfg, FLAGS.seq_len)

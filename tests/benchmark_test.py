@@ -115,6 +115,10 @@ def test_bad_requests_are_one_line_errors(tmp_path):
                                  "--bench_buckets=1,8"], check=False)
     assert too_many.stderr.strip().splitlines() == [
         "error: --bench_buckets=1,8: include 1 (no overlap) and stay within 1..4 for a 2-layer model"], too_many.stderr
+    overlap = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={tmp_path / 'one.json'}",
+                                "--gpu_overlap=1.5"], check=False)
+    assert overlap.stderr.strip().splitlines() == ["error: --gpu_overlap=1.5 --gpu_micro_batches=1: expected an "
+                                                   "overlap within [0, 1] and at least one micro-batch"], overlap.stderr
 
 
 def test_step_is_measured_as_the_flags_configure_it(tmp_path):

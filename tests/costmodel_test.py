@@ -1,5 +1,6 @@
 """The ring-allreduce cost model: formula, calibration, predictions."""
 
+import dataclasses
 import math
 
 import pytest
@@ -84,6 +85,11 @@ def test_report_writes_a_png_and_a_table(tmp_path):
     assert table[0][3:] == ["16-bit gradients, 4 buckets", "this machine's calibrated link and compute"]
     unbucketed, bucketed = (result["curves"][k] for k in list(result["curves"])[1:3])
     assert all(b["efficiency"] > u["efficiency"] for u, b in zip(unbucketed, bucketed) if u["gpus"] <= 64)
+    # Accumulating 4 micro-batches of the same tokens leaves a quarter of the backward to hide behind.
+    accumulated = dataclasses.replace(scenario, micro_batches=4)
+    later, _ = costmodel.report(_record(), accumulated, "", pieces, {4: [0, 5, 9, 13, 14]})
+    assert all(a["step_s"] > b["step_s"] for a, b in zip(later["curves"]["16-bit gradients, 4 buckets"], bucketed)
+               if b["gpus"] >= 16)
 
 
 # top (no parameters of its own, as with a tied head), two layers, the embeddings; 1 byte/s links
@@ -155,3 +161,9 @@ def test_overlap_fit_recovers_the_overlap_that_made_the_steps():
              "step_ms": 1000 * costmodel.bucketed_step(pieces, cuts[b], 0.03, 2, link, 4, overlap=0.25)["step_s"]}
             for b in cuts]
     assert costmodel.fit_overlap(runs, pieces, cuts, 2, link, 4) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="no run with more than one bucket"):
+        costmodel.fit_overlap(runs[:0], pieces, cuts, 2, link, 4)
+    # The top piece holds the whole backward, so every bucket is ready as it ends, whatever the overlap.
+    flat = [costmodel.Piece(p.params, 1.0 if i == 0 else 0.0) for i, p in enumerate(pieces)]
+    with pytest.raises(ValueError, match="cannot measure it"):
+        costmodel.fit_overlap(runs, flat, cuts, 2, link, 4)

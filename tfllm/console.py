@@ -10,8 +10,9 @@ the process' stderr (fd 2) becomes a pipe that a thread copies to the real stder
   severity info and warning, and absl's "before InitializeLog" notice;
 - on a machine with no NVIDIA device, error lines about CUDA, cuDNN, cuFFT and cuBLAS, since
   nothing there can use them;
-- oneDNN's error-severity note that a kernel falls back to Eigen for a data type it leaves to
-  AVX-512 (int8 matmuls of quantized models, int64 ops in TensorFlow's own code);
+- oneDNN's error-severity note that an int8 or int64 kernel falls back to Eigen (int8 matmuls of
+  quantized models, int64 ops in TensorFlow's own code; a bf16 or fp16 fallback, a speed hint,
+  stays);
 - TensorFlow's Python info lines (`INFO:tensorflow:Assets written to ...` when a SavedModel is
   saved): absl's Python logging, which the pipelines run under, shows info by default.
 
@@ -39,7 +40,7 @@ _CONTINUATION = re.compile(rb"^To enable the following instructions: .* rebuild 
 _CUDA = re.compile(rb"cuInit|CUDA|cuda|cuDNN|cuFFT|cuBLAS|GPU will not be used")
 # Logged at error severity but only a note that a fallback kernel runs (int8 matmuls of a
 # quantized model on any CPU, since the check is made even where AVX-512 is present; int64 ops).
-_FALLBACK_NOTICE = re.compile(rb"oneDNN supports DT_[A-Z0-9]+ only on platforms with AVX-512\. Falling back")
+_FALLBACK_NOTICE = re.compile(rb"oneDNN supports DT_(INT8|INT64) only on platforms with AVX-512\. Falling back")
 _PY_INFO = b"INFO:tensorflow:"
 _state: dict = {}
 

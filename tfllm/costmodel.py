@@ -156,9 +156,9 @@ def bucketed_step(pieces: Sequence[Piece], cuts: Sequence[int], compute_s: float
         raise ValueError(f"bucket cuts {list(cuts)} do not split {len(pieces)} pieces into runs")
     if not 0 <= overlap <= 1:
         raise ValueError(f"overlap must be within [0, 1], got {overlap}")
-    flops = sum(p.forward_flops_per_token for p in pieces) or 1.0
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    flops = sum(p.forward_flops_per_token for p in pieces) or 1.0
     backward_s = compute_s / micro_batches * 2 / 3
     done, link_free, allreduce_s = compute_s - backward_s, 0.0, 0.0
     for start, stop in zip(cuts, cuts[1:]):
@@ -188,14 +188,22 @@ def predict_bucketed(cluster: Cluster, pieces: Sequence[Piece], cuts: Sequence[i
 
 
 def fit_overlap(runs: Sequence[dict], pieces: Sequence[Piece], cuts: dict[int, Sequence[int]], n: int, link: Link,
-                bytes_per_param: float, fusion_bytes: float = DEFAULT_FUSION_BYTES) -> float:
+                bytes_per_param: float, fusion_bytes: float = DEFAULT_FUSION_BYTES, micro_batches: int = 1) -> float:
     """The `overlap` that best predicts measured bucketed steps (a `--mode=buckets` record's runs,
     each step against its own computation alone), by least squares over a grid of 0.001."""
+    bucketed = [r for r in runs if r["allreduce_buckets"] > 1]
+    if not bucketed:
+        raise ValueError("no run with more than one bucket to fit an overlap to")
+
     def error(overlap):
         return sum((bucketed_step(pieces, cuts[r["allreduce_buckets"]], r["compute_ms"] / 1000, n, link,
-                                  bytes_per_param, overlap, fusion_bytes)["step_s"] - r["step_ms"] / 1000) ** 2
-                   for r in runs if r["allreduce_buckets"] > 1)
-    return min((i / 1000 for i in range(1001)), key=error)
+                                  bytes_per_param, overlap, fusion_bytes, micro_batches)["step_s"]
+                    - r["step_ms"] / 1000) ** 2 for r in bucketed)
+    errors = [error(i / 1000) for i in range(1001)]
+    if max(errors) - min(errors) <= 1e-12 * max(1.0, max(errors)):
+        raise ValueError("the modelled steps do not depend on the overlap (every allreduce waits for the end of "
+                         "the backward pass), so these runs cannot measure it")
+    return errors.index(min(errors)) / 1000
 
 
 def plot(curves: dict[str, list[dict]], path: str, title: str, notes: str = "",

@@ -127,7 +127,7 @@ def plan_buckets(chain: Chain, variables: Sequence, buckets: int) -> list[Bucket
         raise ValueError(f"{buckets} allreduce buckets: this model has {len(units)} units to split "
                          f"(the top, {len(chain.blocks)} transformer layers, the embeddings); use 1 to {len(units)}")
     owner = _owners(chain, variables)
-    cuts = balanced_cuts(unit_params(chain, variables), buckets)
+    cuts = balanced_cuts(_sizes(owner, variables, len(units)), buckets)
     plan = []
     for b, (start, stop) in enumerate(zip(cuts, cuts[1:])):
         owned = sorted(i for i, u in owner.items() if start <= u < stop)
@@ -151,8 +151,12 @@ def _owners(chain: Chain, variables: Sequence) -> dict[int, int]:
 
 def unit_params(chain: Chain, variables: Sequence) -> list[int]:
     """Parameters each unit (top down) owns, the sizes buckets are balanced by."""
-    sizes = [0] * len(chain.units_top_down())
-    for i, u in _owners(chain, variables).items():
+    return _sizes(_owners(chain, variables), variables, len(chain.units_top_down()))
+
+
+def _sizes(owner: dict[int, int], variables: Sequence, units: int) -> list[int]:
+    sizes = [0] * units
+    for i, u in owner.items():
         sizes[u] += math.prod(int(d) for d in variables[i].shape)
     return sizes
 

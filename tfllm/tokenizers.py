@@ -145,7 +145,7 @@ def truncate(ids: tf.RaggedTensor, n: int, how: str) -> tf.RaggedTensor:
     lengths = ids.row_lengths()
     head_end = tf.minimum(lengths, n // HEAD_SHARE)
     tail_start = tf.maximum(head_end, lengths - (n - n // HEAD_SHARE))
-    kept = tf.ragged.range(head_end + lengths - tail_start)
+    kept = tf.ragged.range(head_end + lengths - tail_start, row_splits_dtype=lengths.dtype)
     rows = kept.value_rowids()
     head = tf.gather(head_end, rows)
     index = tf.where(kept.values < head, kept.values, kept.values - head + tf.gather(tail_start, rows))
