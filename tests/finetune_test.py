@@ -189,6 +189,7 @@ def test_sorted_web_reviews_hold_out_test_file_and_cleaning(trained_model_dir, t
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["validation"]["examples"] == 40 and result["test"]["examples"] == 40
     assert result["test"]["checkpoint_step"] in (5, 10) and "test (" in out.stdout
+    assert "note:" not in out.stdout  # html adds to what pretraining did (nothing), leaves nothing out
     saved = json.loads((model_dir / "finetune.json").read_text())["config"]
     assert saved["clean"] == "html" and saved["truncation"] == "head_tail"
     # Without --validation_file, evaluation defaults to the same held-out examples.
@@ -207,16 +208,19 @@ def test_scratch_init_and_resume(trained_model_dir, sst2_slice, tmp_path):
     # Scratch needs the architecture and the tokenizer, not the weights: a dir without checkpoints serves.
     bare = tmp_path / "bare"
     bare.mkdir()
-    shutil.copy(trained_model_dir / "config.json", bare)
+    config = json.loads((trained_model_dir / "config.json").read_text())
+    config["data"]["clean"] = "html,lower"  # as if pretrained on cleaned, lowercased text
+    (bare / "config.json").write_text(json.dumps(config))
     shutil.copytree(trained_model_dir / "tokenizer", bare / "tokenizer")
     model_dir = tmp_path / "scratch"
-    run(finetune_args(bare, model_dir, sst2_slice, "--init=scratch", "--train_steps=10"))
+    out = run(finetune_args(bare, model_dir, sst2_slice, "--init=scratch", "--train_steps=10", "--clean=html"))
+    assert "note: the pretraining text was cleaned with --clean=html,lower; --clean=html leaves out lower" in out.stdout
     pretrained, scratch = _npz(trained_model_dir), _npz(model_dir)
     key = next(k for k in pretrained if "token_embedding" in k)
     scratch_key = next(k for k in scratch if "token_embedding" in k)
     assert not np.allclose(pretrained[key], scratch[scratch_key])
     # Rerunning with more steps resumes at step 10.
-    out = run(finetune_args(bare, model_dir, sst2_slice, "--init=scratch", "--train_steps=20"))
+    out = run(finetune_args(bare, model_dir, sst2_slice, "--init=scratch", "--train_steps=20", "--clean=html"))
     assert "resumed from" in out.stdout and "(step 10)" in out.stdout
     steps = [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20]

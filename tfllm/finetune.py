@@ -25,7 +25,7 @@ from tfllm.checkpoint import CheckpointError, CheckpointManager
 from tfllm.classifier import (ClassifierServing, balanced_class_weights, build_classifier, classification_report,
                               classifier_chain, confusion_png, format_report, head_variables, layer_lr_scales,
                               make_loss_fn)
-from tfllm.config import ConfigError, FinetuneConfig, ModelConfig, canonical_clean
+from tfllm.config import ConfigError, FinetuneConfig, ModelConfig, canonical_clean, clean_steps
 from tfllm.export import output_dir
 from tfllm.models import build_causal_lm
 from tfllm.optimizer import make_optimizer
@@ -289,6 +289,12 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
         + (f", {len(test_rows)} test" if test_rows is not None else "")
         + f" examples; init={cfg.init}; {world.size} rank(s) x batch {cfg.batch_size}; clean={cfg.clean}, "
         f"truncation={cfg.truncation}")
+    # The vocabulary was trained on text cleaned this way: a step left out now (lower, say) feeds it
+    # text it splits into rarer pieces. A note, not an error: it may be deliberate.
+    left_out = [step for step in clean_steps(pretrained_cfg.data.clean) if step not in clean_steps(cfg.clean)]
+    if left_out:
+        say(f"note: the pretraining text was cleaned with --clean={pretrained_cfg.data.clean}; --clean={cfg.clean} "
+            f"leaves out {','.join(left_out)}")
     try:
         stopped_early = loop.run(cfg.train_steps)
         return task.finish(loop, stopped_early)
