@@ -63,6 +63,8 @@ flags.DEFINE_integer("gpus_per_node", 8, "costmodel: GPUs per node.")
 flags.DEFINE_float("gpu_overlap", 1.0, "costmodel: share of the link's speed an allreduce keeps while the backward "
                    "pass runs (1: no contention, as with NCCL next to GPU kernels; 0: nothing hides).")
 flags.DEFINE_string("buckets_json", "", "costmodel mode: a --mode=buckets record of this machine; fits its overlap.")
+flags.DEFINE_float("local_overlap", -1.0, "costmodel mode with --buckets_json: predict its steps with this overlap "
+                   "instead of fitting one (-1), e.g. 3 hosts with the overlap fitted on 2.")
 flags.DEFINE_string("output_json", "", "Also write the JSON result here.")
 flags.DEFINE_string("tb_dir", "", "Also log the numeric results to TensorBoard here (split benchmark/<mode>).")
 FLAGS = flags.FLAGS
@@ -99,7 +101,8 @@ def _fit_overlap(calibration: dict) -> dict:
             raise ValueError(f"bucket counts outside 1..{len(sizes)}")
         cuts = {r["allreduce_buckets"]: segments.balanced_cuts(sizes, r["allreduce_buckets"]) for r in runs}
         link = costmodel.Link(calibration["bandwidth_bytes_per_s"], calibration["latency_s"])
-        overlap = costmodel.fit_overlap(runs, pieces, cuts, n, link, wire, micro_batches=micro)
+        overlap = (FLAGS.local_overlap if FLAGS.local_overlap >= 0
+                   else costmodel.fit_overlap(runs, pieces, cuts, n, link, wire, micro_batches=micro))
         rows = []
         for r in runs:
             model = costmodel.bucketed_step(pieces, cuts[r["allreduce_buckets"]], r["compute_ms"] / 1000, n, link,
@@ -111,13 +114,15 @@ def _fit_overlap(calibration: dict) -> dict:
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"--buckets_json={FLAGS.buckets_json}: not a usable --mode=buckets record "
                           f"({'no field ' + str(e) if isinstance(e, KeyError) else e})") from None
-    return {"overlap": overlap, "world_size": n, "runs": rows}
+    return {"overlap": overlap, "fitted": FLAGS.local_overlap < 0, "world_size": n, "runs": rows}
 
 
 def _costmodel(cfg) -> tuple[dict, list]:
     if not 0 <= FLAGS.gpu_overlap <= 1 or FLAGS.gpu_micro_batches < 1:
         raise ConfigError(f"--gpu_overlap={FLAGS.gpu_overlap} --gpu_micro_batches={FLAGS.gpu_micro_batches}: "
                           "expected an overlap within [0, 1] and at least one micro-batch")
+    if FLAGS.local_overlap > 1 or (FLAGS.local_overlap < 0 and FLAGS.local_overlap != -1):
+        raise ConfigError(f"--local_overlap={FLAGS.local_overlap}: expected -1 (fit it) or a value within [0, 1]")
     record = _read_json(FLAGS.calibration_json, "calibration_json")
     counts = _bucket_counts(cfg)
     pieces, sizes, params = _pieces(cfg, FLAGS.seq_len)
@@ -135,7 +140,8 @@ def _costmodel(cfg) -> tuple[dict, list]:
                           f"({'no field ' + str(e) if isinstance(e, KeyError) else e})") from None
     if FLAGS.buckets_json:
         result["local_overlap"] = fit = _fit_overlap(result["calibration"])
-        print(f"overlap fitted to {FLAGS.buckets_json} ({fit['world_size']} ranks): {fit['overlap']:.3f}")
+        print(f"overlap {'fitted to' if fit['fitted'] else 'given for'} {FLAGS.buckets_json} "
+              f"({fit['world_size']} ranks): {fit['overlap']:.3f}")
         print(benchmark.markdown([["allreduce buckets", "step ms (measured)", "step ms (model)", "hidden (measured)",
                                    "hidden (model)"]] + [
             [r["allreduce_buckets"], f"{r['measured_step_ms']:.1f}", f"{r['predicted_step_ms']:.1f}",

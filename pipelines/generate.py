@@ -52,7 +52,7 @@ def main(argv):
     sampling.validate()
     prompts = read_prompts()
     trained = load_trained_model(FLAGS.model_dir, FLAGS.checkpoint)
-    outputs = generate_text(trained.model, trained.tokenizer, prompts, sampling)
+    outputs = generate_text(trained.model, trained.tokenizer, prompts, sampling, trained.config.data.clean)
     for i, (prompt, text) in enumerate(zip(prompts, outputs)):
         if i:
             print("-" * 40)

@@ -87,6 +87,12 @@ def test_step_json_at_one_and_two_ranks_then_the_cost_model(tmp_path):
     assert list(result["curves"])[2:4] == ["16-bit gradients, 2 buckets", "16-bit gradients, 4 buckets"]
     assert result["local_overlap"]["overlap"] == pytest.approx(0.25, abs=1e-3)
     assert f"overlap fitted to {buckets} (2 ranks): 0.250" in out.stdout
+    # Given an overlap instead, the model predicts the record's steps with it: exactly, at 0.25.
+    given = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={two}", "--bench_buckets=1,2,4",
+                              f"--buckets_json={buckets}", "--local_overlap=0.25", f"--output_json={cm}"])
+    assert f"overlap given for {buckets} (2 ranks): 0.250" in given.stdout
+    assert all(r["predicted_step_ms"] == pytest.approx(r["measured_step_ms"], rel=1e-9)
+               for r in json.loads(cm.read_text())["local_overlap"]["runs"])
     assert "tokens_per_sec_global" in _scalars(tmp_path / "tb")["benchmark/step"]
 
 

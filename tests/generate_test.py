@@ -23,6 +23,16 @@ def test_greedy_is_deterministic_and_batched_prompts_match_single(trained):
     assert all(len(trained.tokenizer.encode(t)) <= 12 for t in batch)
 
 
+def test_prompts_are_cleaned_as_the_training_text_was(trained, monkeypatch):
+    import tfllm.generate
+
+    seen = []
+    monkeypatch.setattr(tfllm.generate, "generate_ids", lambda model, ids, cfg: seen.append(ids) or [[] for _ in ids])
+    tok = trained.tokenizer
+    assert generate_text(trained.model, tok, ["DEF F", "Import OS "], SamplingConfig(), clean="lower") == ["", ""]
+    assert seen == [[tok.encode("def f"), tok.encode("import os ")]]  # lowercased, the trailing space kept
+
+
 @pytest.mark.parametrize("strategy", ["top_k", "top_p", "random"])
 def test_sampling_is_reproducible_with_a_seed(trained, strategy):
     cfg = SamplingConfig(strategy=strategy, max_new_tokens=16, temperature=1.5, top_k=20, top_p=0.95, seed=3,

@@ -44,7 +44,7 @@ class ServingModule(TwinServing):
         self.score = tf.function(self._score, input_signature=[tf.TensorSpec([None], tf.string, name="texts")])
 
     def _generate(self, prompts, max_new_tokens):
-        ids = self.tokenizer.tokenize(clean_strings(prompts, self.clean))
+        ids = self.tokenizer.tokenize(clean_strings(prompts, self.clean, strip=False))  # a prompt's edge spaces count
         lengths = tf.cast(ids.row_lengths(), tf.int32)
         tf.debugging.assert_positive(tf.reduce_min(lengths), message="empty prompt")
         tf.debugging.assert_positive(max_new_tokens, message="max_new_tokens must be positive")

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfllm.config import ConfigError
+from tfllm.data.cleaning import clean_texts
 from tfllm.tokenizers import EOD_ID, PAD_ID, Tokenizer
 
 STRATEGIES = ("greedy", "top_k", "top_p", "random")
@@ -100,10 +101,12 @@ def generate_ids(model, prompts: list[list[int]], cfg: SamplingConfig) -> list[l
     return results
 
 
-def generate_text(model, tokenizer: Tokenizer, prompts: list[str], cfg: SamplingConfig) -> list[str]:
-    """Continuations of each prompt (the prompt text is not repeated)."""
+def generate_text(model, tokenizer: Tokenizer, prompts: list[str], cfg: SamplingConfig, clean: str = "none") -> list[str]:
+    """Continuations of each prompt (the prompt text is not repeated). Prompts are cleaned as the
+    training text was (`clean`, tfllm.data.cleaning; their edge spaces kept): a vocabulary trained
+    on lowercased text splits "This" into rare pieces."""
     for i, text in enumerate(prompts):
         if not text:
             raise ConfigError(f"prompt {i + 1} is empty")
-    encoded = [tokenizer.encode(p) for p in prompts]
+    encoded = [tokenizer.encode(p) for p in clean_texts(prompts, clean, strip=False)]
     return [tokenizer.continuation(p, ids) for p, ids in zip(encoded, generate_ids(model, encoded, cfg))]

@@ -21,6 +21,7 @@ import tensorflow as tf
 from tfllm import atomic, distill, distributed, preset
 from tfllm.checkpoint import CheckpointError, CheckpointManager
 from tfllm.config import Config, ConfigError, model_mismatch
+from tfllm.data.cleaning import clean_texts
 from tfllm.data.corpus import CorpusError
 from tfllm.data.pipeline import DataError, WindowDataset
 from tfllm.data.prepare import ensure_prepared
@@ -200,12 +201,14 @@ class LanguageModelTask(Task):
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(os.path.join(self.tcfg.model_dir, TOKENIZER_DIR))
         context = self.cfg.model.max_sequence_length
-        budget = min(self.tcfg.sample_tokens, context - len(self.tokenizer.encode(self.tcfg.sample_prompt)))
+        prompt = clean_texts([self.tcfg.sample_prompt], self.cfg.data.clean, strip=False)[0]
+        budget = min(self.tcfg.sample_tokens, context - len(self.tokenizer.encode(prompt)))
         if budget < 1:
             self.say(f"warning: --sample_prompt fills the {context}-token context; no sample")
             return None
         sampling = dataclasses.replace(self.sampling, max_new_tokens=budget)
-        text = generate_text(self.step_fn.model, self.tokenizer, [self.tcfg.sample_prompt], sampling)[0]
+        text = generate_text(self.step_fn.model, self.tokenizer, [self.tcfg.sample_prompt], sampling,
+                             self.cfg.data.clean)[0]
         self.writer.sample("train", step, "sample", self.tcfg.sample_prompt, text, sampling.describe())
         return self.tcfg.sample_prompt + text
 

@@ -7,7 +7,9 @@ For each link rate (tc tbf, both directions) and model, `pipelines.benchmark --m
 under horovodrun on 2 and then 3 hosts of one emulated cluster (one rank per host). The 2-host
 record calibrates tfllm/costmodel.py's link (alpha from the 4-byte allreduce, beta from the
 gradients' allreduce); its 3-host prediction of the gradient allreduce is set against the
-3-host measurement. The hosts share this machine's 2 cores, so compute is inflated and each rank
+3-host measurement. With --buckets, `--mode=buckets` runs instead, and the cost model's overlap
+(the share of the link's speed an allreduce keeps during the backward pass) is fitted on 2 hosts
+and predicts the 3-host steps. The hosts share this machine's 2 cores, so compute is inflated and each rank
 gets one intra-op thread; the allreduce figures are the ones that speak for real links.
 """
 
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import pathlib
+import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -52,26 +55,54 @@ def run_step(cluster: Cluster, hosts: int, model_flags: list[str], steps: int, o
     return json.loads(out.read_text())
 
 
+def overlap_model(model_flags: list[str], step2: pathlib.Path, record: pathlib.Path, out: pathlib.Path,
+                  overlap: float = -1.0) -> dict:
+    """pipelines.benchmark --mode=costmodel on a bucket record: the link fitted on the 2-host step, the
+    overlap fitted on this record (-1) or given (the 2-host fit, to predict 3 hosts)."""
+    argv = [sys.executable, "-m", "pipelines.benchmark", *model_flags, "--mode=costmodel",
+            f"--calibration_json={step2}", f"--buckets_json={record}", f"--local_overlap={overlap}",
+            f"--output_json={out}"]
+    proc = subprocess.run(argv, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2"),
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: the cost model on {record} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())["local_overlap"]
+
+
 def buckets(args, out_dir: pathlib.Path) -> int:
-    """Step, compute and exposed allreduce per bucket count, 2 and 3 hosts, each rate and model."""
+    """Step, compute and exposed allreduce per bucket count, 2 and 3 hosts, each rate and model; the
+    cost model's overlap fitted on 2 hosts (link from a 2-host step) and its 3-host prediction."""
     rows = []
     with Cluster(3) as cluster:
         for rate in args.rates.split(","):
             cluster.set_rate(rate)
             for name in args.models.split(","):
+                step2 = out_dir / f"cluster-{rate}-{name}-2.json"
+                run_step(cluster, 2, MODELS[name], args.bench_steps, step2)
+                overlap = -1.0
                 for n in (2, 3):
-                    r = run_step(cluster, n, MODELS[name], args.bench_steps, out_dir / f"buckets-{rate}-{name}-{n}.json",
+                    record = out_dir / f"buckets-{rate}-{name}-{n}.json"
+                    r = run_step(cluster, n, MODELS[name], args.bench_steps, record,
                                  mode=("--mode=buckets", f"--bench_buckets={BUCKETS[name]}"))
+                    fit = overlap_model(MODELS[name], step2, record, out_dir / f"overlap-{rate}-{name}-{n}.json", overlap)
+                    overlap = fit["overlap"]
+                    model = {m["allreduce_buckets"]: m for m in fit["runs"]}
                     rows += [{"rate": rate, "model": name, "hosts": n, "params": r["params"],
-                              "allreduce_ms": r["allreduce_ms"], **run} for run in r["runs"]]
+                              "allreduce_ms": r["allreduce_ms"], "overlap": overlap, "overlap_fitted": fit["fitted"],
+                              "predicted_step_ms": model[run["allreduce_buckets"]]["predicted_step_ms"],
+                              "predicted_hidden_share": model[run["allreduce_buckets"]]["predicted_hidden_share"],
+                              **run} for run in r["runs"]]
                     print(json.dumps(rows[-1]), flush=True)
     pathlib.Path(args.output_json).write_text(json.dumps(rows, indent=1))
-    print("| link | model | hosts | buckets | step ms | compute ms | allreduce ms | exposed ms | hidden | step vs B=1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| link | model | hosts | buckets | step ms | compute ms | allreduce ms | exposed ms | hidden | step vs B=1 "
+          "| model: overlap, step ms, hidden |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        how = "fitted" if r["overlap_fitted"] else "from 2 hosts"
         print(f"| {r['rate']} | {r['model']} | {r['hosts']} | {r['allreduce_buckets']} | {r['step_ms']:.1f} | "
               f"{r['compute_ms']:.1f} | {r['allreduce_ms']:.1f} | {r['exposed_allreduce_ms']:.1f} | "
-              f"{100 * r['hidden_share']:.0f}% | {r['step_over_unbucketed']:.3f} |")
+              f"{100 * r['hidden_share']:.0f}% | {r['step_over_unbucketed']:.3f} | {r['overlap']:.3f} ({how}), "
+              f"{r['predicted_step_ms']:.1f}, {100 * r['predicted_hidden_share']:.0f}% |")
     return 0
 
 
