@@ -121,8 +121,10 @@ def _costmodel(cfg) -> tuple[dict, list]:
     if not 0 <= FLAGS.gpu_overlap <= 1 or FLAGS.gpu_micro_batches < 1:
         raise ConfigError(f"--gpu_overlap={FLAGS.gpu_overlap} --gpu_micro_batches={FLAGS.gpu_micro_batches}: "
                           "expected an overlap within [0, 1] and at least one micro-batch")
-    if FLAGS.local_overlap > 1 or (FLAGS.local_overlap < 0 and FLAGS.local_overlap != -1):
+    if not (FLAGS.local_overlap == -1 or 0 <= FLAGS.local_overlap <= 1):
         raise ConfigError(f"--local_overlap={FLAGS.local_overlap}: expected -1 (fit it) or a value within [0, 1]")
+    if FLAGS["local_overlap"].present and not FLAGS.buckets_json:
+        raise ConfigError("--local_overlap applies to the steps of --buckets_json, which is not given")
     record = _read_json(FLAGS.calibration_json, "calibration_json")
     counts = _bucket_counts(cfg)
     pieces, sizes, params = _pieces(cfg, FLAGS.seq_len)

@@ -87,12 +87,14 @@ def test_step_json_at_one_and_two_ranks_then_the_cost_model(tmp_path):
     assert list(result["curves"])[2:4] == ["16-bit gradients, 2 buckets", "16-bit gradients, 4 buckets"]
     assert result["local_overlap"]["overlap"] == pytest.approx(0.25, abs=1e-3)
     assert f"overlap fitted to {buckets} (2 ranks): 0.250" in out.stdout
-    # Given an overlap instead, the model predicts the record's steps with it: exactly, at 0.25.
+    # Given an overlap instead, the model predicts the record's steps with it rather than fitting one.
     given = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={two}", "--bench_buckets=1,2,4",
-                              f"--buckets_json={buckets}", "--local_overlap=0.25", f"--output_json={cm}"])
-    assert f"overlap given for {buckets} (2 ranks): 0.250" in given.stdout
-    assert all(r["predicted_step_ms"] == pytest.approx(r["measured_step_ms"], rel=1e-9)
-               for r in json.loads(cm.read_text())["local_overlap"]["runs"])
+                              f"--buckets_json={buckets}", "--local_overlap=0.9", f"--output_json={cm}"])
+    assert f"overlap given for {buckets} (2 ranks): 0.900" in given.stdout
+    at = {b: costmodel.bucketed_step(pieces, segments.balanced_cuts(sizes, b), 1e-3, 2, link, 4, 0.9) for b in (1, 2, 4)}
+    predicted = {r["allreduce_buckets"]: r["predicted_step_ms"] for r in json.loads(cm.read_text())["local_overlap"]["runs"]}
+    assert predicted == pytest.approx({b: 1000 * r["step_s"] for b, r in at.items()}, rel=1e-9)
+    assert predicted[4] < 1000 * steps[4]["step_s"]  # more overlap than the record was made with
     assert "tokens_per_sec_global" in _scalars(tmp_path / "tb")["benchmark/step"]
 
 
@@ -121,6 +123,10 @@ def test_bad_requests_are_one_line_errors(tmp_path):
                                  "--bench_buckets=1,8"], check=False)
     assert too_many.stderr.strip().splitlines() == [
         "error: --bench_buckets=1,8: include 1 (no overlap) and stay within 1..4 for a 2-layer model"], too_many.stderr
+    alone = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={tmp_path / 'one.json'}",
+                              "--local_overlap=0.5"], check=False)
+    assert alone.stderr.strip().splitlines() == [
+        "error: --local_overlap applies to the steps of --buckets_json, which is not given"], alone.stderr
     overlap = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={tmp_path / 'one.json'}",
                                 "--gpu_overlap=1.5"], check=False)
     assert overlap.stderr.strip().splitlines() == ["error: --gpu_overlap=1.5 --gpu_micro_batches=1: expected an "

@@ -289,8 +289,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
         + (f", {len(test_rows)} test" if test_rows is not None else "")
         + f" examples; init={cfg.init}; {world.size} rank(s) x batch {cfg.batch_size}; clean={cfg.clean}, "
         f"truncation={cfg.truncation}")
-    # The vocabulary was trained on text cleaned this way: a step left out now (lower, say) feeds it
-    # text it splits into rarer pieces. A note, not an error: it may be deliberate.
+    # The model (and usually its vocabulary) learned from text cleaned this way: a step left out now
+    # (lower, say) feeds it text it splits into rarer pieces. A note, not an error: it may be deliberate.
     left_out = [step for step in clean_steps(pretrained_cfg.data.clean) if step not in clean_steps(cfg.clean)]
     if left_out:
         say(f"note: the pretraining text was cleaned with --clean={pretrained_cfg.data.clean}; --clean={cfg.clean} "

@@ -104,7 +104,8 @@ def generate_ids(model, prompts: list[list[int]], cfg: SamplingConfig) -> list[l
 def generate_text(model, tokenizer: Tokenizer, prompts: list[str], cfg: SamplingConfig, clean: str = "none") -> list[str]:
     """Continuations of each prompt (the prompt text is not repeated). Prompts are cleaned as the
     training text was (`clean`, tfllm.data.cleaning; their edge spaces kept): a vocabulary trained
-    on lowercased text splits "This" into rare pieces."""
+    on lowercased text splits "This" into rare pieces. A continuation follows the cleaned prompt,
+    so with html cleaning "a<br>" is continued after "a\n"."""
     for i, text in enumerate(prompts):
         if not text:
             raise ConfigError(f"prompt {i + 1} is empty")

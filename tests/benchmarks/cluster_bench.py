@@ -62,10 +62,14 @@ def overlap_model(model_flags: list[str], step2: pathlib.Path, record: pathlib.P
     argv = [sys.executable, "-m", "pipelines.benchmark", *model_flags, "--mode=costmodel",
             f"--calibration_json={step2}", f"--buckets_json={record}", f"--local_overlap={overlap}",
             f"--output_json={out}"]
-    proc = subprocess.run(argv, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2"),
-                          capture_output=True, text=True, timeout=600)
+    try:
+        proc = subprocess.run(argv, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2"),
+                              capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"error: the cost model on {record} did not finish within 600 s") from None
     if proc.returncode != 0:
-        raise SystemExit(f"error: the cost model on {record} failed:\n{proc.stderr[-3000:]}")
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"error: the cost model on {record} failed: {last}")
     return json.loads(out.read_text())["local_overlap"]
 
 
@@ -77,7 +81,7 @@ def buckets(args, out_dir: pathlib.Path) -> int:
         for rate in args.rates.split(","):
             cluster.set_rate(rate)
             for name in args.models.split(","):
-                step2 = out_dir / f"cluster-{rate}-{name}-2.json"
+                step2 = out_dir / f"buckets-step-{rate}-{name}-2.json"
                 run_step(cluster, 2, MODELS[name], args.bench_steps, step2)
                 overlap = -1.0
                 for n in (2, 3):
@@ -113,8 +117,9 @@ def main() -> int:
     p.add_argument("--bench_steps", type=int, default=30)
     p.add_argument("--buckets", action="store_true",
                    help="compare --allreduce_buckets values (step, compute, hidden allreduce) instead")
-    p.add_argument("--output_json", default=".bench/cluster.json")
+    p.add_argument("--output_json", default="", help="default: .bench/cluster.json, or .bench/cluster-buckets.json")
     args = p.parse_args()
+    args.output_json = args.output_json or (".bench/cluster-buckets.json" if args.buckets else ".bench/cluster.json")
     out_dir = pathlib.Path(args.output_json).resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.buckets:
