@@ -207,8 +207,7 @@ class LanguageModelTask(Task):
             self.say(f"warning: --sample_prompt fills the {context}-token context; no sample")
             return None
         sampling = dataclasses.replace(self.sampling, max_new_tokens=budget)
-        text = generate_text(self.step_fn.model, self.tokenizer, [self.tcfg.sample_prompt], sampling,
-                             self.cfg.data.clean)[0]
+        text = generate_text(self.step_fn.model, self.tokenizer, [prompt], sampling)[0]  # cleaned above
         self.writer.sample("train", step, "sample", self.tcfg.sample_prompt, text, sampling.describe())
         return self.tcfg.sample_prompt + text
 
