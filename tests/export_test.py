@@ -77,6 +77,30 @@ def test_saved_model_serves_in_a_fresh_process_like_the_generate_pipeline(export
     assert served["log_prob"][1] < served["log_prob"][0] < 0  # longer text, lower total log-probability
 
 
+def test_a_cleaned_models_prompts_are_cleaned_alike_by_the_export_and_the_generate_pipeline(trained_model_dir,
+                                                                                           tmp_path):
+    """A model trained on html-cleaned text (its config.json says so) is prompted with cleaned text,
+    in the exported signature and in pipelines.generate (which prints the prompt as given): four
+    `<br />` become four newlines, which is what keeps 20 + 40 new tokens within the 64 of context."""
+    import shutil
+
+    cleaned_dir = tmp_path / "cleaned"
+    shutil.copytree(trained_model_dir, cleaned_dir)
+    config = json.loads((cleaned_dir / "config.json").read_text())
+    config["data"]["clean"] = "html"
+    (cleaned_dir / "config.json").write_text(json.dumps(config))
+    run(["-m", "pipelines.export", f"--model_dir={cleaned_dir}", f"--output_dir={tmp_path / 'export'}"])
+    prompt = "x = 1<br />" * 4
+    script = tmp_path / "serve.py"
+    script.write_text(FRESH.replace('["def ", "import "]', f'[{prompt!r}]').replace("tf.constant(20)", "tf.constant(40)"))
+    served = json.loads(run([str(script), str(tmp_path / "export" / "saved_model")]).stdout.strip().splitlines()[-1])
+    as_trained = run(["-m", "pipelines.generate", f"--model_dir={trained_model_dir}",
+                      f"--prompt={prompt.replace('<br />', chr(10))}", "--max_new_tokens=40"]).stdout
+    cleaned = run(["-m", "pipelines.generate", f"--model_dir={cleaned_dir}", f"--prompt={prompt}",
+                   "--max_new_tokens=40"]).stdout
+    assert as_trained == "x = 1\n" * 4 + served["text"][0] + "\n" and cleaned == prompt + served["text"][0] + "\n"
+
+
 def test_score_matches_the_training_loss(exported, trained_model_dir):
     """score() of a text equals minus the summed next-token loss computed by tfllm itself."""
     import tensorflow as tf
