@@ -226,6 +226,18 @@ def test_scratch_init_and_resume(trained_model_dir, sst2_slice, tmp_path):
     assert steps == [5, 10, 15, 20]
 
 
+def test_auxiliary_lm_loss_is_logged_apart_from_the_classification_loss(trained_model_dir, sst2_slice, tmp_path):
+    model_dir = tmp_path / "aux"
+    out = run(finetune_args(trained_model_dir, model_dir, sst2_slice, "--train_steps=10", "--lm_loss_weight=0.5",
+                            "--freeze_backbone_steps=5"))
+    logged = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [5, 10] and "lm_loss=" in out.stdout
+    for r in logged:
+        # The pretrained head predicts the phrases' characters far better than uniform (log 512 = 6.2).
+        assert 0 < r["aux_lm/lm_loss"] < 5.0 and 0 < r["loss"] < 1.5
+        assert r["aux_lm/objective"] == pytest.approx(r["loss"] + 0.5 * r["aux_lm/lm_loss"], rel=1e-5)
+
+
 def test_bad_inputs_are_one_line_errors(trained_model_dir, sst2_slice, tmp_path):
     bad_dev = tmp_path / "dev.tsv"
     bad_dev.write_text("label\tsentence\n0\tfine\n7\tunknown label\n")
@@ -254,6 +266,7 @@ def test_bad_inputs_are_one_line_errors(trained_model_dir, sst2_slice, tmp_path)
          "reviews.jsonl:3: the text is empty after --clean=html"),
         ([f"--test_file={bad_dev}"], "dev.tsv:3: label '7' (example 2) is not among the training labels"),
         (["--validation_fraction=0.1"], "give either --validation_file or --validation_fraction"),
+        (["--lm_loss_weight=-0.5"], "--lm_loss_weight=-0.5: must be 0 (off) or positive"),
     ]
     for extra, message in cases:
         model_dir = tmp_path / "m"

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tfllm.config import ModelConfig
-from tfllm.models import build_causal_lm, lm_chain, split_window
+from tfllm.models import build_causal_lm, lm_chain, lm_loss_sums, split_window
 from tfllm.segments import gelu_tanh, plan_buckets
 from tfllm.step import TrainStep
 
@@ -85,10 +85,12 @@ def test_more_buckets_without_a_chain_are_refused():
         TrainStep(model, keras.optimizers.SGD(0.5), 4, SEQ, allreduce_buckets=2)
 
 
-def test_classifier_chain_computes_the_classifiers_loss_sums():
+@pytest.mark.parametrize("lm_weight", [0.0, 0.5])
+def test_classifier_chain_computes_the_classifiers_loss_sums(lm_weight):
     from tfllm.classifier import build_classifier, classifier_chain, make_loss_fn
 
-    backbone = tiny("gpt2").backbone
+    lm = tiny("gpt2")
+    backbone = lm.backbone
     model = build_classifier(backbone, 3, pooling="last", dropout=0.0)
     weights = np.array([0.5, 1.0, 2.0], np.float32)
     rng = np.random.default_rng(3)
@@ -96,9 +98,17 @@ def test_classifier_chain_computes_the_classifiers_loss_sums():
     rows[:, 0] = [0, 1, 2, 1]
     rows[1, 10:] = 0  # padding: the pooled position depends on the mask
     rows = tf.constant(rows)
-    chain = classifier_chain(model, backbone, weights)
+    chain = classifier_chain(model, backbone, weights, lm_weight)
     hidden = None
     for unit in [chain.embed, *chain.blocks, chain.top]:
         hidden = unit.call(hidden, rows, False)
-    ours, reference = chain.sums(hidden, rows), make_loss_fn(weights)(model, rows, training=False)
+    ours, reference = chain.sums(hidden, rows), make_loss_fn(weights, lm_weight, backbone)(model, rows, training=False)
     np.testing.assert_allclose([float(x) for x in ours], [float(x) for x in reference], rtol=1e-6)
+    if lm_weight:
+        # The auxiliary part against the language model's own loss, each row's tokens one window:
+        # the mean next-token loss per example, padding excluded, weighted into the objective.
+        nll, _, count = lm_loss_sums(lm, rows[:, 1:], training=False, per_window=True)
+        lm_loss = float(tf.reduce_sum(nll / count))
+        classification = float(make_loss_fn(weights)(model, rows, training=False)[0])
+        assert float(ours[3]) == pytest.approx(lm_loss, rel=1e-5)
+        assert float(ours[0]) == pytest.approx(classification + lm_weight * lm_loss, rel=1e-5)

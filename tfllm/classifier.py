@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfllm.labelled import NO_LABEL, split_rows
+from tfllm.models import lm_sums
 from tfllm.quantize import FloatTwin, TwinServing
 from tfllm.segments import Chain, Unit, backbone_units
 from tfllm.tokenizers import EOD_ID, PAD_ID, Encoding, Tokenizer
@@ -75,25 +76,45 @@ def layer_lr_scales(model: keras.Model, backbone: keras.Model, decay: float) -> 
     return scales
 
 
-def make_loss_fn(class_weights: np.ndarray | None = None):
+def make_loss_fn(class_weights: np.ndarray | None = None, lm_weight: float = 0.0, backbone: keras.Model | None = None):
     """(model, rows, training) -> (weighted NLL sum, correct, examples), for `TrainStep`.
 
     Class weights multiply each example's loss; the step still divides by the example count.
-    Rows labelled NO_LABEL count for nothing.
+    Rows labelled NO_LABEL count for nothing. With `lm_weight` > 0 (GPT-1's auxiliary objective)
+    each example's loss also has lm_weight times its mean next-token loss under the backbone's
+    own language-model head, and the sums end with the examples' summed LM losses.
     """
-    sums = make_logit_sums(class_weights)
+    sums = make_logit_sums(class_weights, lm_weight)
 
     def loss_sums(model, batch, training):
-        return sums(model(split_rows(batch)[0], training=training), batch)
+        features = split_rows(batch)[0]
+        if not lm_weight:
+            return sums(model(features, training=training), batch)
+        heads = classifier_heads(model, backbone, lm_weight)
+        return sums(heads(backbone(features, training=training), features, training), batch)
     return loss_sums
 
 
-def make_logit_sums(class_weights: np.ndarray | None = None):
-    """(logits, rows) -> the sums of `make_loss_fn`, from logits already computed."""
+def classifier_heads(model: keras.Model, backbone: keras.Model, lm_weight: float = 0.0):
+    """(backbone output, features, training) -> the class logits, and with `lm_weight` > 0 also the
+    next-token logits of every position but the last (the tied vocabulary projection)."""
+    pooling, dropout, head = (model.get_layer(n) for n in ("pooling", "head_dropout", "classifier_head"))
+
+    def heads(hidden, features, training):
+        logits = head(dropout(pooling(hidden, features["padding_mask"]), training=training))
+        if not lm_weight:
+            return logits
+        return logits, backbone.token_embedding(hidden[:, :-1], reverse=True)
+    return heads
+
+
+def make_logit_sums(class_weights: np.ndarray | None = None, lm_weight: float = 0.0):
+    """(outputs of `classifier_heads`, rows) -> the sums of `make_loss_fn`, from logits already computed."""
     weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
 
-    def sums(logits, batch):
-        _, labels = split_rows(batch)
+    def sums(outputs, batch):
+        features, labels = split_rows(batch)
+        logits, lm_logits = outputs if lm_weight else (outputs, None)
         real = labels != NO_LABEL
         safe = tf.where(real, labels, 0)
         logits = tf.cast(logits, tf.float32)
@@ -102,19 +123,27 @@ def make_logit_sums(class_weights: np.ndarray | None = None):
         if weights is not None:
             nll = nll * tf.gather(weights, safe)
         correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=safe.dtype), safe), tf.float32)
-        return tf.reduce_sum(nll * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask)
+        if not lm_weight:
+            return tf.reduce_sum(nll * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask)
+        # A mean per example, so that a long review weighs no more than a short phrase.
+        targets = features["token_ids"][:, 1:]
+        lm_nll, _, lm_count = lm_sums(lm_logits, targets, tf.cast(targets != PAD_ID, tf.float32), per_window=True)
+        lm_loss = tf.reduce_sum(lm_nll / tf.maximum(lm_count, 1.0) * mask)
+        return (tf.reduce_sum(nll * mask) + lm_weight * lm_loss, tf.reduce_sum(correct * mask), tf.reduce_sum(mask),
+                lm_loss)
     return sums
 
 
-def classifier_chain(model: keras.Model, backbone: keras.Model, class_weights: np.ndarray | None = None) -> Chain:
+def classifier_chain(model: keras.Model, backbone: keras.Model, class_weights: np.ndarray | None = None,
+                     lm_weight: float = 0.0) -> Chain:
     """`build_classifier`'s model and `make_loss_fn`'s sums as segments, for the bucketed backward."""
     embed, blocks = backbone_units(backbone, lambda batch: split_rows(batch)[0])
-    pooling, dropout, head = (model.get_layer(n) for n in ("pooling", "head_dropout", "classifier_head"))
+    heads = classifier_heads(model, backbone, lm_weight)
 
     def top(hidden, batch, training):
-        pooled = pooling(backbone.layer_norm(hidden), split_rows(batch)[0]["padding_mask"])
-        return head(dropout(pooled, training=training))
-    return Chain(embed, blocks, Unit("head", top, [backbone.layer_norm, head]), make_logit_sums(class_weights))
+        return heads(backbone.layer_norm(hidden), split_rows(batch)[0], training)
+    return Chain(embed, blocks, Unit("head", top, [backbone.layer_norm, model.get_layer("classifier_head")]),
+                 make_logit_sums(class_weights, lm_weight))
 
 
 def balanced_class_weights(label_ids: np.ndarray, num_classes: int) -> np.ndarray:

@@ -320,6 +320,7 @@ class FinetuneConfig:
     freeze_backbone_steps: int = 0
     layer_lr_decay: float = 1.0  # <1: each layer below the head learns at this factor of the one above
     class_weighted: bool = False
+    lm_loss_weight: float = 0.0  # >0: GPT-1's auxiliary language-model loss on the task's text
     max_train_examples: int = 0  # 0: all; else drawn at random
     validation_fraction: float = 0.0  # >0: hold out this share of the training file instead of --validation_file
     test_file: str = ""  # scored once at the end, with the best checkpoint
@@ -364,6 +365,8 @@ class FinetuneConfig:
             raise ConfigError("give either --validation_file or --validation_fraction (held out of --train_file)")
         if not 0.0 < self.layer_lr_decay <= 1.0:
             raise ConfigError(f"--layer_lr_decay={self.layer_lr_decay}: must be in (0, 1] (1: off)")
+        if not 0.0 <= self.lm_loss_weight < float("inf"):  # NaN fails too
+            raise ConfigError(f"--lm_loss_weight={self.lm_loss_weight}: must be 0 (off) or positive")
         if not 0.0 <= self.classifier_dropout < 1.0:
             raise ConfigError(f"--classifier_dropout={self.classifier_dropout}: must be in [0, 1)")
         self.optimizer.validate()

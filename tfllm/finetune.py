@@ -174,8 +174,19 @@ class ClassificationTask(Task):
     def train_step(self, step):
         return self.head_step if step < self.cfg.freeze_backbone_steps else self.full_step
 
+    def scalars(self, loop, metrics):
+        # With the auxiliary LM loss, `loss` stays the classification loss (comparable with any run's
+        # and with validation's); the objective that is differentiated and the LM part get tags of their own.
+        scalars = super().scalars(loop, metrics)
+        if "lm_loss" in metrics:
+            weighted = self.cfg.lm_loss_weight * metrics["lm_loss"]
+            scalars.update({"loss": metrics["loss"] - weighted, "aux_lm/objective": metrics["loss"],
+                            "aux_lm/lm_loss": metrics["lm_loss"]})
+        return scalars
+
     def log_line(self, step, metrics, scalars, perf):
-        return (f"step {step}/{self.cfg.train_steps} loss={metrics['loss']:.4f} acc={scalars['accuracy']:.3f} "
+        lm = f" lm_loss={scalars['aux_lm/lm_loss']:.4f}" if "aux_lm/lm_loss" in scalars else ""
+        return (f"step {step}/{self.cfg.train_steps} loss={scalars['loss']:.4f}{lm} acc={scalars['accuracy']:.3f} "
                 f"lr={scalars['learning_rate']:.2e}")
 
     def between_steps(self, loop, metrics):
@@ -255,15 +266,17 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     optimizer = make_optimizer(cfg.optimizer, cfg.train_steps, world.size, model, "float32",
                                lr_scales=layer_lr_scales(model, backbone, cfg.layer_lr_decay))
     weights = balanced_class_weights(train_rows[:, 0], len(classes)) if cfg.class_weighted else None
-    loss_fn = make_loss_fn(weights)
+    loss_fn = make_loss_fn(weights, cfg.lm_loss_weight, backbone)
+    extra_stats = ("lm_loss",) if cfg.lm_loss_weight else ()
     clip = cfg.optimizer.clip_norm
     full_step = TrainStep(model, optimizer, cfg.batch_size, 1, 1, clip, cfg.jit_compile, loss_fn=loss_fn,
-                          allreduce_buckets=cfg.allreduce_buckets, chain=classifier_chain(model, backbone, weights))
+                          allreduce_buckets=cfg.allreduce_buckets, extra_stats=extra_stats,
+                          chain=classifier_chain(model, backbone, weights, cfg.lm_loss_weight))
     full_step.build()
     # Only the head trains here: its gradients exist right after the head's backward, so one
     # allreduce hides nothing less than B would.
     head_step = TrainStep(model, optimizer, cfg.batch_size, 1, 1, clip, cfg.jit_compile, loss_fn=loss_fn,
-                          variables=head_variables(model, backbone))
+                          variables=head_variables(model, backbone), extra_stats=extra_stats)
 
     rows = labelled.Batches(train_rows, cfg.batch_size, world.rank, world.size, cfg.seed)
     metrics_log = MetricsLog(cfg.model_dir, cfg.log_every, say)
@@ -279,7 +292,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
         metrics_log.writer.hparams({"init": cfg.init, "pooling": cfg.pooling, "learning_rate": cfg.optimizer.learning_rate,
                                     "batch_size": cfg.batch_size, "global_batch": rows.global_batch,
                                     "max_length": cfg.max_length, "freeze_backbone_steps": cfg.freeze_backbone_steps,
-                                    "layer_lr_decay": cfg.layer_lr_decay,
+                                    "layer_lr_decay": cfg.layer_lr_decay, "lm_loss_weight": cfg.lm_loss_weight,
                                     "classes": len(classes), "world_size": world.size,
                                     "model.family": pretrained_cfg.model.family,
                                     "model.num_layers": pretrained_cfg.model.num_layers},

@@ -209,6 +209,9 @@ def define_finetune_flags() -> None:
                        "Layer-wise learning-rate decay: the head learns at --learning_rate, each transformer layer "
                        "below at this factor of the one above, the embeddings last. 1: every layer at the full rate.")
     flags.DEFINE_bool("class_weighted", f.class_weighted, "Weight the loss by inverse class frequency.")
+    flags.DEFINE_float("lm_loss_weight", f.lm_loss_weight,
+                       "Add this times each example's mean next-token loss (the backbone's language-model head) to "
+                       "its classification loss, as GPT-1 fine-tuned. 0: off.")
     flags.DEFINE_integer("max_train_examples", f.max_train_examples, "Use N training examples drawn at random (0: all).")
     flags.DEFINE_float("validation_fraction", f.validation_fraction, "Hold out this share of --train_file, drawn at "
                        "random, for validation (instead of --validation_file).")
