@@ -49,9 +49,16 @@ def run_step(cluster: Cluster, hosts: int, model_flags: list[str], steps: int, o
             "--parallel_slices=1", f"--output_json={out}"]
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", TF_NUM_INTRAOP_THREADS="1",
                TF_NUM_INTEROP_THREADS="2")
-    proc = cluster.run(argv, cwd=str(REPO), env=env, timeout=900)
+    try:
+        proc = cluster.run(argv, cwd=str(REPO), env=env, timeout=900)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"error: benchmark on {hosts} hosts did not finish within 900 s") from None
     if proc.returncode != 0:
-        raise SystemExit(f"error: benchmark on {hosts} hosts failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        log = out.with_suffix(".log")
+        log.write_text(f"$ {' '.join(argv)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+        lines = [line for line in (proc.stderr + proc.stdout).splitlines() if "error" in line.lower()]
+        last = (lines or (proc.stderr.strip() or "(no output)").splitlines())[-1].strip()
+        raise SystemExit(f"error: benchmark on {hosts} hosts failed (exit {proc.returncode}): {last} (output: {log})")
     return json.loads(out.read_text())
 
 
