@@ -9,6 +9,13 @@ then runs flags/sst2_from_imdb.cfg (SST-2 train -> dev) and flags/imdb_sentiment
 prints, per task and init, the mean and range of the accuracy of the checkpoint validation chose
 (SST-2: on dev, which also chose it; IMDB: on test) and, for SST-2, of the last step's dev accuracy.
 Runs that already finished in --run_dir are reused (delete it to start again).
+
+Variants, as the README's "what was tried" ran them: --pretrain_flags and --finetune_flags are added
+to every pretraining or fine-tuning command (after the flagfile, so they override it), and
+--pretrained_dir fine-tunes a backbone pretrained before instead of pretraining one in --run_dir:
+
+    python tests/benchmarks/downstream_bench.py --run_dir=runs/aux --pretrained_dir=runs/downstream/imdb \
+        --tasks=sst2 --finetune_flags="--lm_loss_weight=0.5"
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 import time
@@ -30,8 +38,12 @@ def _run(name: str, args: list[str], run_dir: pathlib.Path, done: pathlib.Path) 
         print(f"{name}: python -m {' '.join(args)}", flush=True)
         started = time.time()
         with open(run_dir / f"{name}.log", "w") as out:
-            subprocess.run([sys.executable, "-m", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, check=True,
-                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+            code = subprocess.run([sys.executable, "-m", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}).returncode
+        if code:
+            errors = [line for line in (run_dir / f"{name}.log").read_text().splitlines() if line.startswith("error:")]
+            detail = errors[-1][len("error: "):] if errors else "no error line"
+            raise SystemExit(f"error: {name} exited with {code}: {detail} (log: {run_dir / name}.log)")
         (run_dir / f"{name}.seconds").write_text(f"{time.time() - started:.0f}\n")
     return float((run_dir / f"{name}.seconds").read_text())
 
@@ -47,22 +59,36 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tasks", default="sst2,imdb")
     parser.add_argument("--output_json", default="")
+    parser.add_argument("--pretrained_dir", default="", help="a backbone pretrained before (default: pretrain one)")
+    parser.add_argument("--pretrain_flags", default="", help="added to the pretraining command")
+    parser.add_argument("--finetune_flags", default="", help="added to every fine-tuning command")
     a = parser.parse_args()
     run_dir = pathlib.Path(a.run_dir).resolve()
+    unknown = [t for t in a.tasks.split(",") if t not in TASKS]
+    if unknown or (a.pretrained_dir and a.pretrain_flags):
+        raise SystemExit(f"error: unknown --tasks {','.join(unknown)} (choose from {','.join(TASKS)})" if unknown else
+                         "error: --pretrain_flags apply to a pretraining run, and --pretrained_dir skips it")
+    if a.pretrained_dir and not (pathlib.Path(a.pretrained_dir) / "config.json").exists():
+        raise SystemExit(f"error: --pretrained_dir={a.pretrained_dir}: no pretraining model dir (config.json) there")
     run_dir.mkdir(parents=True, exist_ok=True)
-    pretrained = run_dir / "imdb"
-    minutes = _run("pretrain", ["pipelines.pretrain", "--flagfile=flags/imdb_pretrain.cfg", f"--model_dir={pretrained}"],
-                   run_dir, pretrained / "checkpoints" / "ckpt-00006000") / 60
-    print(f"pretraining: {minutes:.1f} min", flush=True)
-    results = {"pretrain_minutes": minutes, "runs": {}}
+    results = {"runs": {}}
+    if a.pretrained_dir:
+        pretrained = pathlib.Path(a.pretrained_dir).resolve()
+        print(f"pretrained backbone: {pretrained}", flush=True)
+    else:
+        pretrained = run_dir / "imdb"
+        minutes = _run("pretrain", ["pipelines.pretrain", "--flagfile=flags/imdb_pretrain.cfg", f"--model_dir={pretrained}",
+                                    *shlex.split(a.pretrain_flags)], run_dir, pretrained / "checkpoints" / "ckpt-00006000") / 60
+        print(f"pretraining: {minutes:.1f} min", flush=True)
+        results["pretrain_minutes"] = minutes
     for task in a.tasks.split(","):
         for init in ("pretrained", "scratch"):
             for seed in a.seeds.split(","):
                 name = f"{task}-{init}-seed{seed}"
                 report = run_dir / f"{name}.json"
-                seconds = _run(name, ["pipelines.finetune", TASKS[task], f"--pretrained_dir={pretrained}",
-                                      f"--model_dir={run_dir / name}", f"--init={init}", f"--seed={seed}",
-                                      f"--output_json={report}"], run_dir, report)
+                seconds = _run(name, ["pipelines.finetune", TASKS[task], *shlex.split(a.finetune_flags),
+                                      f"--pretrained_dir={pretrained}", f"--model_dir={run_dir / name}", f"--init={init}",
+                                      f"--seed={seed}", f"--output_json={report}"], run_dir, report)
                 result = json.loads(report.read_text())
                 results["runs"][name] = {"best_validation": result["best_accuracy"],
                                          "last_validation": result["validation"]["accuracy"],
