@@ -227,15 +227,20 @@ def test_scratch_init_and_resume(trained_model_dir, sst2_slice, tmp_path):
 
 
 def test_auxiliary_lm_loss_is_logged_apart_from_the_classification_loss(trained_model_dir, sst2_slice, tmp_path):
-    model_dir = tmp_path / "aux"
-    out = run(finetune_args(trained_model_dir, model_dir, sst2_slice, "--train_steps=10", "--lm_loss_weight=0.5",
-                            "--freeze_backbone_steps=5"))
-    logged = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged] == [5, 10] and "lm_loss=" in out.stdout
-    for r in logged:
-        # The pretrained head predicts the phrases' characters far better than uniform (log 512 = 6.2).
-        assert 0 < r["aux_lm/lm_loss"] < 5.0 and 0 < r["loss"] < 1.5
-        assert r["aux_lm/objective"] == pytest.approx(r["loss"] + 0.5 * r["aux_lm/lm_loss"], rel=1e-5)
+    logged = {}
+    for weight in (0.0, 0.5):
+        model_dir = tmp_path / f"aux{weight}"
+        out = run(finetune_args(trained_model_dir, model_dir, sst2_slice, "--train_steps=10",
+                                f"--lm_loss_weight={weight}", "--freeze_backbone_steps=5"))
+        logged[weight] = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in logged[weight]] == [5, 10] and ("lm_loss=" in out.stdout) == bool(weight)
+    without, (head_only, full) = logged[0.0], logged[0.5]
+    # The head-only steps leave the LM loss out; the classification loss they log is the same.
+    assert "aux_lm/lm_loss" not in head_only and head_only["loss"] == pytest.approx(without[0]["loss"], rel=1e-6)
+    # Then the LM loss trains the backbone too: the pretrained head predicts the phrases' characters
+    # far better than uniform (log 512 = 6.2), and the classification loss moves away from the run without it.
+    assert 0 < full["aux_lm/lm_loss"] < 5.0 and full["loss"] != pytest.approx(without[1]["loss"], rel=1e-4)
+    assert full["aux_lm/objective"] == pytest.approx(full["loss"] + 0.5 * full["aux_lm/lm_loss"], rel=1e-5)
 
 
 def test_bad_inputs_are_one_line_errors(trained_model_dir, sst2_slice, tmp_path):

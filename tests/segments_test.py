@@ -79,6 +79,34 @@ def test_bucketed_step_equals_the_one_piece_step_on_one_process(family, jit):
     assert (results[1][2], results[3][2]) == (3, 9)
 
 
+def test_classifier_bucketed_step_with_the_lm_loss_equals_the_one_piece_step():
+    """Fine-tuning's step with the auxiliary LM loss: a NO_LABEL row (LM loss too) counts for nothing."""
+    from tfllm.classifier import build_classifier, classifier_chain, make_loss_fn
+    from tfllm.labelled import NO_LABEL
+
+    rng = np.random.default_rng(5)
+    data = rng.integers(3, VOCAB, (3, 1, 4, 1 + SEQ)).astype(np.int32)
+    data[..., 0] = rng.integers(0, 2, data.shape[:-1])
+    data[:, 0, 1, 9:] = 0  # padding
+    data[:, 0, 3, 0] = NO_LABEL
+    results = {}
+    for b in (1, 3):
+        backbone = tiny("gpt2").backbone
+        keras.utils.set_random_seed(2)
+        model = build_classifier(backbone, 2, pooling="mean", dropout=0.0)
+        step = TrainStep(model, keras.optimizers.SGD(0.5), 4, 1, jit_compile=True, extra_stats=("lm_loss",),
+                         loss_fn=make_loss_fn(None, 0.5, backbone), allreduce_buckets=b,
+                         chain=classifier_chain(model, backbone, None, 0.5))
+        step.build()
+        metrics = [step(d) for d in data]
+        results[b] = ([(float(m["loss"]), float(m["lm_loss"]), float(m["tokens"])) for m in metrics],
+                      [v.numpy() for v in model.trainable_variables])
+    np.testing.assert_allclose(results[3][0], results[1][0], rtol=1e-6)
+    assert [t for _, _, t in results[1][0]] == [3.0, 3.0, 3.0]
+    for x, y in zip(results[3][1], results[1][1]):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
 def test_more_buckets_without_a_chain_are_refused():
     model = tiny("gpt2")
     with pytest.raises(ValueError, match="chain"):
@@ -88,6 +116,7 @@ def test_more_buckets_without_a_chain_are_refused():
 @pytest.mark.parametrize("lm_weight", [0.0, 0.5])
 def test_classifier_chain_computes_the_classifiers_loss_sums(lm_weight):
     from tfllm.classifier import build_classifier, classifier_chain, make_loss_fn
+    from tfllm.labelled import NO_LABEL
 
     lm = tiny("gpt2")
     backbone = lm.backbone
@@ -95,7 +124,7 @@ def test_classifier_chain_computes_the_classifiers_loss_sums(lm_weight):
     weights = np.array([0.5, 1.0, 2.0], np.float32)
     rng = np.random.default_rng(3)
     rows = rng.integers(3, VOCAB, (4, 1 + SEQ)).astype(np.int32)
-    rows[:, 0] = [0, 1, 2, 1]
+    rows[:, 0] = [0, 1, 2, NO_LABEL]  # the last row counts for nothing, its LM loss included
     rows[1, 10:] = 0  # padding: the pooled position depends on the mask
     rows = tf.constant(rows)
     chain = classifier_chain(model, backbone, weights, lm_weight)
@@ -108,7 +137,7 @@ def test_classifier_chain_computes_the_classifiers_loss_sums(lm_weight):
         # The auxiliary part against the language model's own loss, each row's tokens one window:
         # the mean next-token loss per example, padding excluded, weighted into the objective.
         nll, _, count = lm_loss_sums(lm, rows[:, 1:], training=False, per_window=True)
-        lm_loss = float(tf.reduce_sum(nll / count))
+        lm_loss = float(tf.reduce_sum((nll / count)[:3]))
         classification = float(make_loss_fn(weights)(model, rows, training=False)[0])
         assert float(ours[3]) == pytest.approx(lm_loss, rel=1e-5)
         assert float(ours[0]) == pytest.approx(classification + lm_weight * lm_loss, rel=1e-5)

@@ -80,10 +80,13 @@ def make_loss_fn(class_weights: np.ndarray | None = None, lm_weight: float = 0.0
     """(model, rows, training) -> (weighted NLL sum, correct, examples), for `TrainStep`.
 
     Class weights multiply each example's loss; the step still divides by the example count.
-    Rows labelled NO_LABEL count for nothing. With `lm_weight` > 0 (GPT-1's auxiliary objective)
-    each example's loss also has lm_weight times its mean next-token loss under the backbone's
-    own language-model head, and the sums end with the examples' summed LM losses.
+    Rows labelled NO_LABEL count for nothing. With `lm_weight` > 0 (GPT-1's auxiliary objective,
+    which needs the model's `backbone`) each example's loss also has lm_weight times its mean
+    next-token loss under the backbone's own language-model head, and a fourth sum follows: the
+    examples' summed LM losses.
     """
+    if lm_weight and backbone is None:
+        raise ValueError("an auxiliary LM loss needs the classifier's backbone")
     sums = make_logit_sums(class_weights, lm_weight)
 
     def loss_sums(model, batch, training):

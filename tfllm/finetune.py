@@ -274,9 +274,10 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
                           chain=classifier_chain(model, backbone, weights, cfg.lm_loss_weight))
     full_step.build()
     # Only the head trains here: its gradients exist right after the head's backward, so one
-    # allreduce hides nothing less than B would.
-    head_step = TrainStep(model, optimizer, cfg.batch_size, 1, 1, clip, cfg.jit_compile, loss_fn=loss_fn,
-                          variables=head_variables(model, backbone), extra_stats=extra_stats)
+    # allreduce hides nothing less than B would. The LM loss reads no head variable, so this step
+    # leaves out its vocabulary projection.
+    head_step = TrainStep(model, optimizer, cfg.batch_size, 1, 1, clip, cfg.jit_compile, loss_fn=make_loss_fn(weights),
+                          variables=head_variables(model, backbone))
 
     rows = labelled.Batches(train_rows, cfg.batch_size, world.rank, world.size, cfg.seed)
     metrics_log = MetricsLog(cfg.model_dir, cfg.log_every, say)

@@ -49,17 +49,24 @@ def run_step(cluster: Cluster, hosts: int, model_flags: list[str], steps: int, o
             "--parallel_slices=1", f"--output_json={out}"]
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", TF_NUM_INTRAOP_THREADS="1",
                TF_NUM_INTEROP_THREADS="2")
+    log = out.with_suffix(".log")
     try:
         proc = cluster.run(argv, cwd=str(REPO), env=env, timeout=900)
-    except subprocess.TimeoutExpired:
-        raise SystemExit(f"error: benchmark on {hosts} hosts did not finish within 900 s") from None
+    except subprocess.TimeoutExpired as e:
+        _save(log, argv, e.stdout, e.stderr)
+        raise SystemExit(f"error: benchmark on {hosts} hosts did not finish within 900 s (output: {log})") from None
     if proc.returncode != 0:
-        log = out.with_suffix(".log")
-        log.write_text(f"$ {' '.join(argv)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
-        lines = [line for line in (proc.stderr + proc.stdout).splitlines() if "error" in line.lower()]
-        last = (lines or (proc.stderr.strip() or "(no output)").splitlines())[-1].strip()
-        raise SystemExit(f"error: benchmark on {hosts} hosts failed (exit {proc.returncode}): {last} (output: {log})")
+        _save(log, argv, proc.stdout, proc.stderr)
+        # A traceback ends stderr; stdout holds the ranks' normal output, read only when stderr is empty.
+        lines = [line.strip() for line in (proc.stderr or proc.stdout or "no output").splitlines() if line.strip()]
+        detail = ([line for line in lines if "error" in line.lower()] or lines or ["no output"])[-1]
+        raise SystemExit(f"error: benchmark on {hosts} hosts failed (exit {proc.returncode}): {detail} (output: {log})")
     return json.loads(out.read_text())
+
+
+def _save(log: pathlib.Path, argv: list[str], stdout, stderr) -> None:
+    text = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (stdout, stderr)]
+    log.write_text(f"$ {' '.join(argv)}\n--- stdout\n{text[0]}\n--- stderr\n{text[1]}")
 
 
 def overlap_model(model_flags: list[str], step2: pathlib.Path, record: pathlib.Path, out: pathlib.Path,

@@ -33,19 +33,30 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 TASKS = {"sst2": "--flagfile=flags/sst2_from_imdb.cfg", "imdb": "--flagfile=flags/imdb_sentiment.cfg"}
 
 
-def _run(name: str, args: list[str], run_dir: pathlib.Path, done: pathlib.Path) -> float:
-    if not done.exists():
-        print(f"{name}: python -m {' '.join(args)}", flush=True)
-        started = time.time()
-        with open(run_dir / f"{name}.log", "w") as out:
-            code = subprocess.run([sys.executable, "-m", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}).returncode
-        if code:
-            errors = [line for line in (run_dir / f"{name}.log").read_text().splitlines() if line.startswith("error:")]
-            detail = errors[-1][len("error: "):] if errors else "no error line"
-            raise SystemExit(f"error: {name} exited with {code}: {detail} (log: {run_dir / name}.log)")
-        (run_dir / f"{name}.seconds").write_text(f"{time.time() - started:.0f}\n")
-    return float((run_dir / f"{name}.seconds").read_text())
+def _run(name: str, args: list[str], run_dir: pathlib.Path) -> float:
+    """Runs `python -m args` once per run dir: a finished run (its .seconds file) is reused, if the
+    command it ran (its .cmd file) was this one."""
+    command = " ".join(shlex.quote(a) for a in args)
+    seconds, recorded = run_dir / f"{name}.seconds", run_dir / f"{name}.cmd"
+    if seconds.exists():
+        if recorded.exists() and recorded.read_text().strip() != command:
+            raise SystemExit(f"error: {run_dir} holds a {name} run of another command ({recorded}); "
+                             f"use another --run_dir for this variant")
+        return float(seconds.read_text())
+    print(f"{name}: python -m {command}", flush=True)
+    recorded.write_text(command + "\n")
+    started = time.time()
+    log = run_dir / f"{name}.log"
+    with open(log, "w") as out:
+        code = subprocess.run([sys.executable, "-m", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}).returncode
+    if code:
+        lines = [line.strip() for line in log.read_text().splitlines() if line.strip()]
+        errors = [line[len("error: "):] for line in lines if line.startswith("error:")]
+        detail = (errors or lines or ["no output"])[-1]
+        raise SystemExit(f"error: {name} exited with {code}: {detail} (log: {log})")
+    seconds.write_text(f"{time.time() - started:.0f}\n")
+    return float(seconds.read_text())
 
 
 def _summary(values: list[float]) -> str:
@@ -64,6 +75,10 @@ def main() -> None:
     parser.add_argument("--finetune_flags", default="", help="added to every fine-tuning command")
     a = parser.parse_args()
     run_dir = pathlib.Path(a.run_dir).resolve()
+    try:
+        pretrain_flags, finetune_flags = shlex.split(a.pretrain_flags), shlex.split(a.finetune_flags)
+    except ValueError as e:
+        raise SystemExit(f"error: --pretrain_flags/--finetune_flags: {e}") from None
     unknown = [t for t in a.tasks.split(",") if t not in TASKS]
     if unknown or (a.pretrained_dir and a.pretrain_flags):
         raise SystemExit(f"error: unknown --tasks {','.join(unknown)} (choose from {','.join(TASKS)})" if unknown else
@@ -78,7 +93,7 @@ def main() -> None:
     else:
         pretrained = run_dir / "imdb"
         minutes = _run("pretrain", ["pipelines.pretrain", "--flagfile=flags/imdb_pretrain.cfg", f"--model_dir={pretrained}",
-                                    *shlex.split(a.pretrain_flags)], run_dir, pretrained / "checkpoints" / "ckpt-00006000") / 60
+                                    *pretrain_flags], run_dir) / 60
         print(f"pretraining: {minutes:.1f} min", flush=True)
         results["pretrain_minutes"] = minutes
     for task in a.tasks.split(","):
@@ -86,9 +101,9 @@ def main() -> None:
             for seed in a.seeds.split(","):
                 name = f"{task}-{init}-seed{seed}"
                 report = run_dir / f"{name}.json"
-                seconds = _run(name, ["pipelines.finetune", TASKS[task], *shlex.split(a.finetune_flags),
+                seconds = _run(name, ["pipelines.finetune", TASKS[task], *finetune_flags,
                                       f"--pretrained_dir={pretrained}", f"--model_dir={run_dir / name}", f"--init={init}",
-                                      f"--seed={seed}", f"--output_json={report}"], run_dir, report)
+                                      f"--seed={seed}", f"--output_json={report}"], run_dir)
                 result = json.loads(report.read_text())
                 results["runs"][name] = {"best_validation": result["best_accuracy"],
                                          "last_validation": result["validation"]["accuracy"],
