@@ -13,7 +13,8 @@ one process would; --data_dir must be on a filesystem every rank shares):
         --tokenizer_dir=/data/tok --data_dir=/data/owt-256
 Pretraining prepares its data on first use the same way, on all of its ranks.
 Inputs: files, directories and globs of .txt / .jsonl (--jsonl_field), their .gz / .zst forms, and
-.parquet (--parquet_column).
+.parquet (--parquet_column); named .tsv files with a header line (--tsv_column), such as a
+fine-tuning set's training file, whose text a backbone can pretrain further on (--init_preset).
 """
 
 from absl import flags

@@ -71,3 +71,32 @@ def test_jsonl_without_the_field_or_broken_json(tmp_path):
     write(tmp_path / "b.jsonl", b"{oops\n")
     with pytest.raises(CorpusError, match="b.jsonl:1: not valid JSON"):
         list(Corpus([str(tmp_path / "b.jsonl")]))
+
+
+def test_tsv_reads_the_named_column_of_each_row_after_the_header(tmp_path):
+    rows = b"label\tsentence\n0\thide new secretions\n\n1\tit does n't matter -lrb- much -rrb-\r\n1\t\n"
+    write(tmp_path / "train.tsv", rows)
+    with gzip.open(tmp_path / "train.tsv.gz", "wb") as f:
+        f.write(b"\xef\xbb\xbf" + rows)  # a byte-order mark before the header, as some exporters write
+    for name in ("train.tsv", "train.tsv.gz"):
+        assert [d.text for d in Corpus([str(tmp_path / name)], tsv_column="sentence")] == [
+            "hide new secretions", "it does n't matter -lrb- much -rrb-"]
+    assert [d.text for d in Corpus([str(tmp_path / "train.tsv")], tsv_column="sentence", clean="ptb")][1] == (
+        "it doesn't matter (much)")
+    # A directory's .tsv files are tables, not text, unless named: its .txt is all it holds
+    write(tmp_path / "notes.txt", b"notes")
+    assert [d.text for d in Corpus([str(tmp_path)])] == ["notes"]
+
+
+def test_tsv_errors_name_the_file_and_line(tmp_path):
+    write(tmp_path / "a.tsv", b"label\tsentence\n0\tfine\n1\tone\ttab too many\n")
+    with pytest.raises(CorpusError, match=r"a.tsv: no column 'text' \(columns: label, sentence; see --tsv_column\)"):
+        list(Corpus([str(tmp_path / "a.tsv")]))
+    with pytest.raises(CorpusError, match=r"a.tsv:3: 3 tab-separated fields, the header names 2"):
+        list(Corpus([str(tmp_path / "a.tsv")], tsv_column="sentence"))
+    write(tmp_path / "empty.tsv", b"")
+    with pytest.raises(CorpusError, match=r"empty.tsv: empty; a .tsv file starts with a header line"):
+        list(Corpus([str(tmp_path / "empty.tsv")]))
+    write(tmp_path / "html.tsv", b"text\n<p>kept</p>\n<br /><br />\n")
+    with pytest.raises(CorpusError, match=r"html.tsv:3: the text is empty after --clean=html"):
+        list(Corpus([str(tmp_path / "html.tsv")], clean="html"))

@@ -109,6 +109,23 @@ def test_parquet_and_zstd_read_like_jsonl(tmp_path):
     assert a["splits"] == b["splits"] and a["corpus"]["documents"] == 500
 
 
+def test_tsv_in_blocks_prepares_like_jsonl(tmp_path, monkeypatch):
+    """A labelled .tsv (header, then label and text) gives the shards of its text column as JSONL."""
+    texts = [f"phrase {i} " + "so good " * (i % 9) for i in range(400)]
+    (tmp_path / "train.tsv").write_text("label\tsentence\n" + "".join(f"{i % 2}\t{t}\n" for i, t in enumerate(texts)))
+    with gzip.open(tmp_path / "train.tsv.gz", "wt") as f:
+        f.write((tmp_path / "train.tsv").read_text())
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    monkeypatch.setattr(formats, "BLOCK_BYTES", 2048)  # ten blocks: only block 0 holds the header
+    cfg = dict(tokenizer="char", vocab_size=0, num_shards=2, val_fraction=0.1)
+    want = prep.prepare(DataConfig(corpus=[str(tmp_path / "train.jsonl")], **cfg), str(tmp_path / "j"), log=quiet)
+    for name, workers in (("train.tsv", 1), ("train.tsv", 3), ("train.tsv.gz", 2)):
+        assert [d.text for d in Corpus([str(tmp_path / name)], tsv_column="sentence")] == texts
+        got = prep.prepare(DataConfig(corpus=[str(tmp_path / name)], tsv_column="sentence", workers=workers, **cfg),
+                           str(tmp_path / f"{name}-{workers}"), log=quiet)
+        assert got["splits"] == want["splits"] and got["corpus"]["documents"] == 400
+
+
 def test_tokenizer_sample_spans_every_file(tmp_path):
     for name, letter in (("a.txt", "a"), ("b.txt", "b"), ("c.txt", "c")):
         (tmp_path / name).write_text((letter + " ") * 5000)

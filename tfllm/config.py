@@ -57,6 +57,7 @@ class DataConfig:
     num_shards: int = 4
     jsonl_field: str = "text"
     parquet_column: str = "text"
+    tsv_column: str = "text"  # text column of .tsv files (header-named)
     on_decode_error: str = "strict"  # strict | replace | skip
     clean: str = "none"  # none, or html, ptb, lower joined by commas: cleaning before tokenization
     max_corpus_bytes: int = 0  # 0: no limit; caps the built-in corpus and big inputs for demos

@@ -56,6 +56,8 @@ def define_data_flags() -> None:
                         "ptb undoes Penn Treebank tokenization (\"does n't\", \"-lrb-\": SST-2); lower lowercases. Steps run in "
                         "that order, whatever the order written. Fine-tuning defaults to the pretraining data's.")
     flags.DEFINE_string("parquet_column", _D.parquet_column, "Text column of .parquet files (Hugging Face datasets).")
+    flags.DEFINE_string("tsv_column", _D.tsv_column, "Text column of .tsv files, as their header line names it "
+                        "(a fine-tuning file such as SST-2's train.tsv, read as text to pretrain further on).")
     flags.DEFINE_integer("workers", _D.workers, "Tokenizing threads per rank (0: the usable cores, shared among "
                          "the ranks on a host). The output does not depend on it.")
     flags.DEFINE_enum("on_decode_error", _D.on_decode_error, ["strict", "replace", "skip"],
@@ -236,7 +238,8 @@ def data_config_from_flags() -> DataConfig:
         val_fraction=FLAGS.val_fraction, split=FLAGS.split, num_shards=FLAGS.num_shards, jsonl_field=FLAGS.jsonl_field,
         on_decode_error=FLAGS.on_decode_error, max_corpus_bytes=FLAGS.max_corpus_bytes,
         tokenizer_sample_bytes=FLAGS.tokenizer_sample_bytes, seed=FLAGS.data_seed, overwrite=FLAGS.overwrite,
-        parquet_column=FLAGS.parquet_column, workers=FLAGS.workers, clean=canonical_clean(FLAGS.clean))
+        parquet_column=FLAGS.parquet_column, tsv_column=FLAGS.tsv_column, workers=FLAGS.workers,
+        clean=canonical_clean(FLAGS.clean))
 
 
 def model_config_from_flags() -> ModelConfig:

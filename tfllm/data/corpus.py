@@ -3,13 +3,17 @@
 Files are read as blocks (`tfllm.data.formats`), so nothing holds a whole file in memory. A
 `.txt` file is one document, cut into one piece per block; each line of a `.jsonl` file is one
 document (its text field chosen by --jsonl_field), and so is each row of a Parquet file (its
-text column chosen by --parquet_column). `--clean` cleans every document
+text column chosen by --parquet_column), and so is each row of a `.tsv` file: tab-separated,
+with a header line and no quoting, as GLUE writes them, its text column chosen by --tsv_column
+(a labelled fine-tuning file, read as text for further pretraining on it). A `.tsv` file is read
+only when named (by path or glob), never picked up from a directory. `--clean` cleans every document
 (`tfllm.data.cleaning`); one that cleaning empties is an error naming its line. `builtin:python-stdlib` is the Python standard library's own source, which exists on
 every machine that runs tfllm, so the demo needs no download.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -102,12 +106,14 @@ class Parser:
     """Turns a block of one file into pieces of documents; counts what on_decode_error=skip dropped."""
 
     def __init__(self, jsonl_field: str = "text", on_decode_error: str = "strict", parquet_column: str = "text",
-                 clean: str = "none"):
+                 clean: str = "none", tsv_column: str = "text"):
         self.jsonl_field = jsonl_field
         self.on_decode_error = on_decode_error
         self.parquet_column = parquet_column
+        self.tsv_column = tsv_column
         clean_steps(clean)
         self.clean = clean
+        self._columns: dict[str, tuple[int, int]] = {}  # .tsv path -> (text column's index, fields per row)
 
     def pieces(self, path: str, block: formats.Block) -> tuple[list[Piece], int]:
         fmt = formats.kind(path)[0]
@@ -123,6 +129,8 @@ class Parser:
             if text:
                 return [Piece(text, block.last)], 0
             return ([Piece("", True)] if block.last else []), int(text is None)
+        if fmt == "tsv":
+            return self._tsv(path, block)
         return self._jsonl(path, block)
 
     def _line(self, path: str, block: formats.Block, index: int) -> int:
@@ -140,42 +148,80 @@ class Parser:
                                   f"(it was {len(texts[i])} characters: {texts[i][:60]!r})")
         return cleaned
 
-    def _jsonl(self, path: str, block: formats.Block) -> tuple[list[Piece], int]:
+    def _lines(self, path: str, block: formats.Block, document, header: bool = False) -> tuple[list[Piece], int]:
+        """Pieces of a block of one document per line: `document(text, where, start)` reads a line's
+        text ('' for none); `where()` names the line for errors. `header`: the file's first line is not one."""
         out, lines, skipped, offset = [], [], 0, block.start
         for index, line in enumerate(block.data.split(b"\n")):
             start, offset = offset, offset + len(line) + 1
-            if not line.strip():
+            if not line.strip() or (header and start == 0):
                 continue
+            where = functools.partial(self._where, path, block, index)
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError:
-                text = _decode(line, f"{path}:{self._line(path, block, index)}", self.on_decode_error, start)
+                text = _decode(line, where(), self.on_decode_error, start)
             if text is None:
                 skipped += 1
                 continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{self._line(path, block, index)}: not valid JSON ({e.msg} at column "
-                                  f"{e.colno}; the line starts at byte offset {start})") from None
-            value = record.get(self.jsonl_field) if isinstance(record, dict) else None
-            if not isinstance(value, str):
-                raise CorpusError(f"{path}:{self._line(path, block, index)}: no string field "
-                                  f"{self.jsonl_field!r} (see --jsonl_field)")
+            value = document(text, where, start)
             if value:
                 out.append(value)
                 lines.append(index)
-        out = self._cleaned(out, lambda i: f"{path}:{self._line(path, block, lines[i])}")
+        out = self._cleaned(out, lambda i: self._where(path, block, lines[i]))
         return [Piece(text, True) for text in out], skipped
+
+    def _where(self, path: str, block: formats.Block, index: int) -> str:
+        return f"{path}:{self._line(path, block, index)}"
+
+    def _jsonl(self, path: str, block: formats.Block) -> tuple[list[Piece], int]:
+        def document(text: str, where, start: int) -> str:
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{where()}: not valid JSON ({e.msg} at column {e.colno}; the line starts at "
+                                  f"byte offset {start})") from None
+            value = record.get(self.jsonl_field) if isinstance(record, dict) else None
+            if not isinstance(value, str):
+                raise CorpusError(f"{where()}: no string field {self.jsonl_field!r} (see --jsonl_field)")
+            return value
+
+        return self._lines(path, block, document)
+
+    def _tsv(self, path: str, block: formats.Block) -> tuple[list[Piece], int]:
+        column, width = self._tsv_column(path)
+
+        def document(text: str, where, start: int) -> str:
+            fields = text.rstrip("\r").split("\t")
+            if len(fields) != width:
+                raise CorpusError(f"{where()}: {len(fields)} tab-separated fields, the header names {width}")
+            return fields[column]
+
+        return self._lines(path, block, document, header=True)
+
+    def _tsv_column(self, path: str) -> tuple[int, int]:
+        """(the text column's index, fields per row): every block of a file needs the header block 0 holds."""
+        if path not in self._columns:
+            try:
+                names = formats.first_line(path).decode("utf-8").lstrip("\ufeff").split("\t")
+            except UnicodeDecodeError:
+                raise CorpusError(f"{path}:1: the header line is not UTF-8") from None
+            if names == [""]:
+                raise CorpusError(f"{path}: empty; a .tsv file starts with a header line naming its columns")
+            if self.tsv_column not in names:
+                raise CorpusError(f"{path}: no column {self.tsv_column!r} (columns: {', '.join(names)}; "
+                                  "see --tsv_column)")
+            self._columns[path] = (names.index(self.tsv_column), len(names))
+        return self._columns[path]
 
 
 class Corpus:
     """An ordered, re-iterable stream of whole documents (evaluation and the tokenizer's sample)."""
 
     def __init__(self, specs: list[str], jsonl_field: str = "text", on_decode_error: str = "strict",
-                 max_bytes: int = 0, parquet_column: str = "text", clean: str = "none"):
+                 max_bytes: int = 0, parquet_column: str = "text", clean: str = "none", tsv_column: str = "text"):
         self.files = resolve_files(specs)
-        self.parser = Parser(jsonl_field, on_decode_error, parquet_column, clean)
+        self.parser = Parser(jsonl_field, on_decode_error, parquet_column, clean, tsv_column)
         self.max_bytes = max_bytes
         self.skipped = 0
         self.files_read: list[str] = []  # what the last full pass read (max_bytes may stop early)

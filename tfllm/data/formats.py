@@ -2,7 +2,7 @@
 
 Preparation splits every file into blocks that any process can find on its own, so that workers
 and ranks divide a corpus without talking to each other and the output cannot depend on how
-they divided it. For text (`.txt`, `.jsonl` and their `.gz`/`.zst` forms) block k holds the lines
+they divided it. For text (`.txt`, `.jsonl`, `.tsv` and their `.gz`/`.zst` forms) block k holds the lines
 that start in uncompressed bytes [k*B, (k+1)*B); a `.txt` line longer than B is cut at the first
 character start after k*B, so memory stays bounded. Block k of a file exists when k*B is inside it
 (block 0 always). A Parquet file's blocks are its row groups.
@@ -40,7 +40,7 @@ class Block:
 
 
 def kind(path: str) -> tuple[str, str]:
-    """(format, compression): format is jsonl, text or parquet; compression is '', gz or zst."""
+    """(format, compression): format is jsonl, tsv, text or parquet; compression is '', gz or zst."""
     name = path.lower()
     compression = ""
     for suffix in (".gz", ".zst"):
@@ -48,7 +48,26 @@ def kind(path: str) -> tuple[str, str]:
             compression, name = suffix[1:], name[: -len(suffix)]
     if name.endswith(".parquet"):
         return "parquet", compression
+    if name.endswith(".tsv"):
+        return "tsv", compression
     return ("jsonl" if name.endswith(".jsonl") else "text"), compression
+
+
+def first_line(path: str) -> bytes:
+    """The file's first line, decompressed, without its line break (a header; blocks need it too)."""
+    compression = kind(path)[1]
+    try:
+        with open(path, "rb") as f:
+            if not compression:
+                return f.readline(_CHUNK).rstrip(b"\r\n")
+            data = b""
+            for _, out in _chunks(path, f, compression):
+                data += out
+                if b"\n" in data or len(data) >= _CHUNK:
+                    break
+            return data.split(b"\n", 1)[0].rstrip(b"\r")
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read ({e})") from None
 
 
 def _decompressed(path: str, f, name: str, unit: str, new_decoder, errors) -> Iterator[tuple[int, bytes]]:

@@ -40,7 +40,7 @@ SPLITS = ("train", "validation")
 # Fields of DataConfig that change the prepared bytes; others (overwrite, data_dir, workers) do not.
 _CONTENT_FIELDS = ("corpus", "tokenizer", "vocab_size", "tokenizer_dir", "seq_len", "window_stride", "val_fraction",
                    "split", "num_shards", "jsonl_field", "on_decode_error", "max_corpus_bytes", "tokenizer_sample_bytes",
-                   "seed", "parquet_column", "clean")
+                   "seed", "parquet_column", "clean", "tsv_column")
 # Manifest fields that describe one run rather than the data: they differ between equal outputs.
 RUN_FIELDS = ("created", "seconds", "tokens_per_sec", "workers", "ranks", "peak_rss_mb")
 _ERRORS = {"ConfigError": ConfigError, "CorpusError": CorpusError}
@@ -157,7 +157,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print, world=None) -> dict:
     cfg.validate()
     out_dir = os.path.abspath(out_dir)
     parts_dir = out_dir.rstrip("/") + ".parts"
-    parser = Parser(cfg.jsonl_field, cfg.on_decode_error, cfg.parquet_column, cfg.clean)
+    parser = Parser(cfg.jsonl_field, cfg.on_decode_error, cfg.parquet_column, cfg.clean, cfg.tsv_column)
     workers = cfg.workers or default_workers(world)
     started = time.time()
 
@@ -193,6 +193,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print, world=None) -> dict:
     dtype = np.dtype("<u2") if tokenizer.vocab_size <= 65535 else np.dtype("<i4")
     store = parts.PartStore(parts_dir, {"tokenizer": tokenizer_files, "dtype": dtype.str,
                                         "jsonl_field": cfg.jsonl_field, "parquet_column": cfg.parquet_column,
+                                        "tsv_column": cfg.tsv_column, "clean": cfg.clean,
                                         "on_decode_error": cfg.on_decode_error, "block": formats.BLOCK_BYTES})
     ranges = parts.rank_ranges(files, limits, world.rank, world.size)
     progress = parts.Progress(sum(r.stored_bytes for r in ranges), say,
