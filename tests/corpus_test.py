@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tfllm.config import ConfigError
+from tfllm.config import ConfigError, DataConfig
 from tfllm.data.corpus import BUILTIN_STDLIB, Corpus, CorpusError, resolve_files
 
 
@@ -100,3 +100,5 @@ def test_tsv_errors_name_the_file_and_line(tmp_path):
     write(tmp_path / "html.tsv", b"text\n<p>kept</p>\n<br /><br />\n")
     with pytest.raises(CorpusError, match=r"html.tsv:3: the text is empty after --clean=html"):
         list(Corpus([str(tmp_path / "html.tsv")], clean="html"))
+    with pytest.raises(ConfigError, match=r"--tsv_column='': name the text column"):
+        DataConfig(corpus=[str(tmp_path / "a.tsv")], tsv_column="").validate()

@@ -89,6 +89,8 @@ class DataConfig:
             raise ConfigError(f"--vocab_size={self.vocab_size}: too small for a {self.tokenizer} tokenizer")
         if not self.corpus:
             raise ConfigError("--corpus is empty: name at least one file, directory, glob or builtin:python-stdlib")
+        if not self.tsv_column or "\t" in self.tsv_column:
+            raise ConfigError(f"--tsv_column={self.tsv_column!r}: name the text column as the .tsv header does")
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Raw text corpora: files, directories and globs of .txt, .jsonl (and their .gz/.zst forms) and Parquet.
+"""Raw text corpora: files, directories and globs of .txt, .jsonl (and their .gz/.zst forms), Parquet and .tsv.
 
 Files are read as blocks (`tfllm.data.formats`), so nothing holds a whole file in memory. A
 `.txt` file is one document, cut into one piece per block; each line of a `.jsonl` file is one
