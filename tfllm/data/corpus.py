@@ -13,7 +13,6 @@ every machine that runs tfllm, so the demo needs no download.
 
 from __future__ import annotations
 
-import functools
 import glob
 import hashlib
 import json
@@ -149,22 +148,21 @@ class Parser:
         return cleaned
 
     def _lines(self, path: str, block: formats.Block, document, header: bool = False) -> tuple[list[Piece], int]:
-        """Pieces of a block of one document per line: `document(text, where, start)` reads a line's
-        text ('' for none); `where()` names the line for errors. `header`: the file's first line is not one."""
+        """Pieces of a block of one document per line: `document(text, index, start)` reads the text of
+        the block's line `index` ('' for none). `header`: the file's first line is not one."""
         out, lines, skipped, offset = [], [], 0, block.start
         for index, line in enumerate(block.data.split(b"\n")):
             start, offset = offset, offset + len(line) + 1
             if not line.strip() or (header and start == 0):
                 continue
-            where = functools.partial(self._where, path, block, index)
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError:
-                text = _decode(line, where(), self.on_decode_error, start)
+                text = _decode(line, self._where(path, block, index), self.on_decode_error, start)
             if text is None:
                 skipped += 1
                 continue
-            value = document(text, where, start)
+            value = document(text, index, start)
             if value:
                 out.append(value)
                 lines.append(index)
@@ -175,15 +173,16 @@ class Parser:
         return f"{path}:{self._line(path, block, index)}"
 
     def _jsonl(self, path: str, block: formats.Block) -> tuple[list[Piece], int]:
-        def document(text: str, where, start: int) -> str:
+        def document(text: str, index: int, start: int) -> str:
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
-                raise CorpusError(f"{where()}: not valid JSON ({e.msg} at column {e.colno}; the line starts at "
-                                  f"byte offset {start})") from None
+                raise CorpusError(f"{self._where(path, block, index)}: not valid JSON ({e.msg} at column "
+                                  f"{e.colno}; the line starts at byte offset {start})") from None
             value = record.get(self.jsonl_field) if isinstance(record, dict) else None
             if not isinstance(value, str):
-                raise CorpusError(f"{where()}: no string field {self.jsonl_field!r} (see --jsonl_field)")
+                raise CorpusError(f"{self._where(path, block, index)}: no string field {self.jsonl_field!r} "
+                                  "(see --jsonl_field)")
             return value
 
         return self._lines(path, block, document)
@@ -191,10 +190,11 @@ class Parser:
     def _tsv(self, path: str, block: formats.Block) -> tuple[list[Piece], int]:
         column, width = self._tsv_column(path)
 
-        def document(text: str, where, start: int) -> str:
+        def document(text: str, index: int, start: int) -> str:
             fields = text.rstrip("\r").split("\t")
             if len(fields) != width:
-                raise CorpusError(f"{where()}: {len(fields)} tab-separated fields, the header names {width}")
+                raise CorpusError(f"{self._where(path, block, index)}: {len(fields)} tab-separated fields, "
+                                  f"the header names {width}")
             return fields[column]
 
         return self._lines(path, block, document, header=True)
