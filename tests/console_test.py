@@ -62,3 +62,23 @@ def test_a_launchers_stderr_through_the_filter(tf_logs):
                           capture_output=True, text=True, timeout=120, env={**subprocess_env(), "TFLLM_TF_LOGS": tf_logs})
     assert proc.returncode == 0 and "error: from the launcher" in proc.stderr
     assert bool(CPP_NOISE.search(proc.stderr)) == (tf_logs == "1"), proc.stderr
+
+
+def test_the_console_is_written_out_at_exit_while_a_child_still_holds_stderr():
+    """A one-process Horovod run forks Open MPI's singleton orted, which keeps the process' stderr
+    until after it exits: the copier must stop at this process' last line, not wait for the pipe."""
+    script = """if True:
+        import os, subprocess
+        from tfllm import console
+        console.quiet_tensorflow([])
+        child = subprocess.Popen(["sleep", "60"])  # inherits fd 2, as orted does
+        copier = console._state["thread"]
+        os.write(2, b"I0000 00:00:1.5   16699 port.cc:153] dropped\\nkept\\nlast, without a newline")
+        console.restore()
+        print("copier still running" if copier.is_alive() else "copier done", flush=True)
+        child.kill()
+        child.wait()
+    """
+    proc = run(["-c", script])
+    assert proc.stdout.strip() == "copier done"
+    assert proc.stderr == "kept\nlast, without a newline"

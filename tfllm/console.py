@@ -42,6 +42,10 @@ _CUDA = re.compile(rb"cuInit|CUDA|cuda|cuDNN|cuFFT|cuBLAS|GPU will not be used")
 # quantized model on any CPU, since the check is made even where AVX-512 is present; int64 ops).
 _FALLBACK_NOTICE = re.compile(rb"oneDNN supports DT_(INT8|INT64) only on platforms with AVX-512\. Falling back")
 _PY_INFO = b"INFO:tensorflow:"
+# Written by restore() after this process' last line: the copier stops there instead of waiting
+# for the pipe's end, which never comes while a child holds it (Open MPI's singleton orted, forked
+# by a one-process Horovod run, keeps our stderr until after we exit: 5 s of every exit).
+_END = b"\0tfllm-console-end\0"
 _state: dict = {}
 
 
@@ -70,16 +74,25 @@ def _copy(read_fd: int, real_fd: int, gpu: bool) -> None:
             data = os.read(read_fd, 1 << 16)
         except OSError:
             data = b""
-        if not data:
+        end = (pending + data).find(_END)
+        if end >= 0 or not data:
+            pending = (pending + data)[:end] if end >= 0 else pending
             break
         lines = (pending + data).split(b"\n")
         pending = lines.pop()
-        out = b"".join(line + b"\n" for line in lines if keep(line + b"\n", gpu))
-        if out:
-            os.write(real_fd, out)
-    if pending and keep(pending, gpu):
-        os.write(real_fd, pending)
+        _write_kept(real_fd, lines, gpu)
+    lines = pending.split(b"\n")
+    last = lines.pop()
+    _write_kept(real_fd, lines, gpu)
+    if last and keep(last, gpu):
+        os.write(real_fd, last)
     os.close(read_fd)
+
+
+def _write_kept(real_fd: int, lines: list[bytes], gpu: bool) -> None:
+    out = b"".join(line + b"\n" for line in lines if keep(line + b"\n", gpu))
+    if out:
+        os.write(real_fd, out)
 
 
 def quiet_tensorflow(argv: list[str] | None = None) -> None:
@@ -95,11 +108,10 @@ def quiet_tensorflow(argv: list[str] | None = None) -> None:
     real = os.dup(2)
     read_fd, write_fd = os.pipe()
     os.dup2(write_fd, 2)
-    os.close(write_fd)
     thread = threading.Thread(target=_copy, args=(read_fd, real, has_nvidia_device()), daemon=True,
                               name="tfllm-console")
     thread.start()
-    _state.update(real=real, thread=thread)
+    _state.update(real=real, thread=thread, writer=write_fd)
     atexit.register(restore)
 
 
@@ -111,7 +123,13 @@ def restore() -> None:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
-    os.dup2(_state["real"], 2)  # the pipe's last writer closes: the copier reads to its end and stops
+    os.dup2(_state["real"], 2)
+    try:  # after everything this process wrote: the copier writes that out, then stops
+        os.set_blocking(_state["writer"], False)  # a copier that died leaves a full pipe: do not hang on it
+        os.write(_state["writer"], _END)
+    except OSError:
+        pass
+    os.close(_state["writer"])
     _state["thread"].join(timeout=5)
     os.close(_state.pop("real"))
     _state.clear()
