@@ -4,6 +4,8 @@ Single process:
     python -m pipelines.evaluate --model_dir=runs/tiny                       # validation split of its data
     python -m pipelines.evaluate --model_dir=runs/tiny --split=train --checkpoint=best
     python -m pipelines.evaluate --model_dir=runs/tiny --text_file=notes.txt  # raw text, model's tokenizer
+    python -m pipelines.evaluate --model_dir=runs/sst2-lm --text_file=../shared/data/sst2/dev.tsv \
+        --text_field=sentence --output_json=/tmp/sst2-dev-lm.json
 Distributed (same numbers at any world size):
     horovodrun -np 2 -H localhost:2 --gloo python -m pipelines.evaluate --model_dir=runs/tiny
     mpirun -np 2 python -m pipelines.evaluate --model_dir=runs/tiny
@@ -14,6 +16,7 @@ into it, so --output_json is required:
     python -m pipelines.evaluate --model_dir=exports/tiny-int8 --output_json=/tmp/int8.json
 """
 
+import dataclasses
 import os
 
 from absl import flags
@@ -30,6 +33,8 @@ flags.DEFINE_string("checkpoint", "latest", "latest, best, a step number or a ch
 flags.DEFINE_string("data_dir", "", "Prepared data to evaluate on (default: the model's own data).")
 flags.DEFINE_enum("split", "validation", ["train", "validation"], "Split of the prepared data.")
 flags.DEFINE_string("text_file", "", "Evaluate on this raw text file instead, tokenized with the model's tokenizer.")
+flags.DEFINE_string("text_field", "", "The --text_file's text field (.jsonl) or column (.tsv, .parquet); "
+                    "default: the one the model's own data was read with. Cleaning is always the model's.")
 flags.DEFINE_integer("eval_batch_size", 16, "Windows per rank per batch.")
 flags.DEFINE_integer("max_batches", 0, "Batches per rank (0: all).")
 flags.DEFINE_string("output_json", "", "Where to write the results (default <model_dir>/eval/<split>-step<N>.json).")
@@ -42,10 +47,18 @@ def main(argv):
     export_dir = is_export(FLAGS.model_dir)
     if export_dir and not FLAGS.output_json:  # an export is a finished artifact: nothing is written into it
         raise ConfigError(f"{FLAGS.model_dir} is an export: pass --output_json=FILE for the results")
+    if FLAGS.text_field and not FLAGS.text_file:
+        raise ConfigError("--text_field names the text of a --text_file: pass --text_file too")
+    if "\t" in FLAGS.text_field:
+        raise ConfigError(f"--text_field={FLAGS.text_field!r}: a field or column name has no tab")
     trained = load_trained_model(FLAGS.model_dir, FLAGS.checkpoint)
     seq_len = trained.config.data.seq_len
     if FLAGS.text_file:
-        dataset, name = TextWindows(FLAGS.text_file, trained.tokenizer, seq_len, trained.config.data.clean), "text"
+        data = trained.config.data
+        if FLAGS.text_field:
+            data = dataclasses.replace(data, jsonl_field=FLAGS.text_field, parquet_column=FLAGS.text_field,
+                                       tsv_column=FLAGS.text_field)
+        dataset, name = TextWindows(FLAGS.text_file, trained.tokenizer, seq_len, data), "text"
     else:
         data_dir = FLAGS.data_dir or trained.config.data.data_dir
         dataset, name = WindowDataset(data_dir, FLAGS.split), FLAGS.split

@@ -154,3 +154,25 @@ def test_raw_text_evaluation_windows_run_without_tf_data_autotuning(tmp_path):
     path.write_text("to be, or not to be: that is the question\n" * 20, encoding="utf-8")
     ds = TextWindows(str(path), CodePoints(), seq_len=16).epoch(0, batch_size=4)
     assert ds.options().autotune.enabled is False
+
+
+def test_raw_text_evaluation_reads_the_file_as_the_models_data_was(tmp_path):
+    """A .tsv or .jsonl text file is read by the model's data fields: one document per row or record."""
+    import json
+
+    from tfllm.evaluate import TextWindows
+
+    class CodePoints:
+        def encode(self, text):
+            return [3 + ord(c) % 50 for c in text]
+
+    rows = ["a gripping , funny film .", "dull and overlong .", "the cast is superb ."]
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{r}\t1\n" for r in rows), encoding="utf-8")
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps({"review": r}) + "\n" for r in rows), encoding="utf-8")
+    from_tsv = TextWindows(str(tmp_path / "dev.tsv"), CodePoints(), 16, DataConfig(tsv_column="sentence"))
+    from_jsonl = TextWindows(str(tmp_path / "dev.jsonl"), CodePoints(), 16, DataConfig(jsonl_field="review"))
+    assert from_tsv.windows.tolist() == from_jsonl.windows.tolist()
+    detokenized = ["a gripping, funny film.", "dull and overlong.", "the cast is superb."]
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in detokenized))
+    cleaned = TextWindows(str(tmp_path / "dev.tsv"), CodePoints(), 16, DataConfig(tsv_column="sentence", clean="ptb"))
+    assert cleaned.windows.tolist() == TextWindows(str(tmp_path / "plain.jsonl"), CodePoints(), 16).windows.tolist()

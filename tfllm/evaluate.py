@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfllm import distributed
+from tfllm.config import DataConfig
 from tfllm.data.corpus import Corpus
 from tfllm.data.pipeline import DataError, WindowDataset, untuned
 from tfllm.data.shards import Packer
@@ -25,14 +26,18 @@ class _ListWriter:
 class TextWindows:
     """Windows of a raw text file tokenized with a model's tokenizer (not seen at preparation).
 
-    The text is one document: packed like prepared data (windows of seq_len + 1 overlapping by one
-    token, the last padded), so its loss is comparable with a prepared split's.
+    The file is read as the model's data was (`data`: its JSONL field, Parquet and TSV columns,
+    cleaning), and its documents are packed like prepared data: windows of seq_len + 1 overlapping
+    by one token, the last padded, so its loss is comparable with a prepared split's.
     """
 
-    def __init__(self, path: str, tokenizer, seq_len: int, clean: str = "none"):
+    def __init__(self, path: str, tokenizer, seq_len: int, data: DataConfig | None = None):
+        data = data or DataConfig()
         collected = []
         packer = Packer(seq_len, _ListWriter(collected))
-        for doc in Corpus([path], clean=clean):  # cleaned as the model's training data was
+        corpus = Corpus([path], jsonl_field=data.jsonl_field, on_decode_error=data.on_decode_error,
+                        parquet_column=data.parquet_column, clean=data.clean, tsv_column=data.tsv_column)
+        for doc in corpus:
             packer.add(np.asarray(tokenizer.encode(doc.text), np.int32))
         packer.finish()
         if not collected:

@@ -24,12 +24,14 @@ def test_one_and_two_ranks_give_identical_numbers(trained_model_dir, tmp_path, e
 
 
 def test_raw_text_file_with_the_models_tokenizer(trained_model_dir, tmp_path):
-    text = tmp_path / "unseen.txt"
-    text.write_text("def unseen_function(argument):\n    return argument * 2\n" * 20)
+    code = "def unseen_function(argument): return argument * 2; " * 20
+    text, table = tmp_path / "unseen.txt", tmp_path / "unseen.tsv"
+    text.write_text(code)
+    table.write_text(f"id\tcode\n7\t{code}\n")  # the same document as a .tsv row, read by --text_field
     one = evaluate(trained_model_dir, tmp_path / "t1.json", "none", f"--text_file={text}")
-    two = evaluate(trained_model_dir, tmp_path / "t2.json", "mpi", f"--text_file={text}")
+    two = evaluate(trained_model_dir, tmp_path / "t2.json", "mpi", f"--text_file={table}", "--text_field=code")
     # every character and the closing <eod> are targets; the first character is context only
-    assert one["tokens"] == two["tokens"] == len(text.read_text())
+    assert one["tokens"] == two["tokens"] == len(code)
     assert abs(one["loss"] - two["loss"]) <= 1e-9 * abs(one["loss"])
     assert one["split"] == "text"
 
@@ -40,3 +42,6 @@ def test_existing_output_json_is_refused(trained_model_dir, tmp_path):
     proc = run(["-m", "pipelines.evaluate", f"--model_dir={trained_model_dir}", f"--output_json={out}"], check=False)
     assert proc.returncode == 1 and "--overwrite" in proc.stderr.strip().splitlines()[-1]
     assert out.read_text() == "{}"
+    proc = run(["-m", "pipelines.evaluate", f"--model_dir={trained_model_dir}", f"--output_json={out}",
+                "--text_field=sentence"], check=False)
+    assert proc.returncode == 1 and "pass --text_file too" in proc.stderr.strip().splitlines()[-1]
