@@ -18,11 +18,13 @@ into it, so --output_json is required:
 
 import dataclasses
 import os
+import re
 
 from absl import flags
 
 from tfllm import atomic, cli, distributed
 from tfllm.config import ConfigError
+from tfllm.data.corpus import CorpusError
 from tfllm.data.pipeline import WindowDataset
 from tfllm.evaluate import TextWindows, evaluate
 from tfllm.restore import is_export, load_trained_model
@@ -58,7 +60,10 @@ def main(argv):
         if FLAGS.text_field:
             data = dataclasses.replace(data, jsonl_field=FLAGS.text_field, parquet_column=FLAGS.text_field,
                                        tsv_column=FLAGS.text_field)
-        dataset, name = TextWindows(FLAGS.text_file, trained.tokenizer, seq_len, data), "text"
+        try:
+            dataset, name = TextWindows(FLAGS.text_file, trained.tokenizer, seq_len, data), "text"
+        except CorpusError as e:  # its hint names preparation's flags; here --text_field serves every format
+            raise CorpusError(re.sub(r"--(jsonl_field|tsv_column|parquet_column)\b", "--text_field", str(e))) from None
     else:
         data_dir = FLAGS.data_dir or trained.config.data.data_dir
         dataset, name = WindowDataset(data_dir, FLAGS.split), FLAGS.split

@@ -79,6 +79,21 @@ def test_the_console_is_written_out_at_exit_while_a_child_still_holds_stderr():
         child.kill()
         child.wait()
     """
-    proc = run(["-c", script])
+    proc = run(["-c", script], TFLLM_TF_LOGS="0")
     assert proc.stdout.strip() == "copier done"
     assert proc.stderr == "kept\nlast, without a newline"
+
+
+def test_a_forked_child_that_exits_leaves_its_parents_console_running():
+    script = """if True:
+        import os, sys
+        from tfllm import console
+        console.quiet_tensorflow([])
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)  # runs the child's atexit hooks, restore() among them
+        os.waitpid(pid, 0)
+        os.write(2, b"written after the child exited\\n")
+    """
+    proc = run(["-c", script], TFLLM_TF_LOGS="0")
+    assert proc.stderr == "written after the child exited\n"

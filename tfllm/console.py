@@ -27,8 +27,10 @@ import atexit
 import glob
 import os
 import re
+import select
 import sys
 import threading
+import time
 
 ENV = "TFLLM_TF_LOGS"
 _CPP_LINE = re.compile(rb"^(?:([IWEF])\d{4} [\d:.]+\s+\d+ [^\]]*\]"
@@ -74,11 +76,14 @@ def _copy(read_fd: int, real_fd: int, gpu: bool) -> None:
             data = os.read(read_fd, 1 << 16)
         except OSError:
             data = b""
-        end = (pending + data).find(_END)
+        buffered = pending + data
+        # Only the tail of `pending` can start a marker: a long line without a newline (a progress
+        # bar's \r updates) is not searched again on every read.
+        end = buffered.find(_END, max(0, len(pending) - len(_END) + 1))
         if end >= 0 or not data:
-            pending = (pending + data)[:end] if end >= 0 else pending
+            pending = buffered[:end] if end >= 0 else buffered
             break
-        lines = (pending + data).split(b"\n")
+        lines = buffered.split(b"\n")
         pending = lines.pop()
         _write_kept(real_fd, lines, gpu)
     lines = pending.split(b"\n")
@@ -86,7 +91,7 @@ def _copy(read_fd: int, real_fd: int, gpu: bool) -> None:
     _write_kept(real_fd, lines, gpu)
     if last and keep(last, gpu):
         os.write(real_fd, last)
-    os.close(read_fd)
+    os.close(read_fd)  # what children write after the marker (orted's teardown) now fails with EPIPE
 
 
 def _write_kept(real_fd: int, lines: list[bytes], gpu: bool) -> None:
@@ -111,27 +116,31 @@ def quiet_tensorflow(argv: list[str] | None = None) -> None:
     thread = threading.Thread(target=_copy, args=(read_fd, real, has_nvidia_device()), daemon=True,
                               name="tfllm-console")
     thread.start()
-    _state.update(real=real, thread=thread, writer=write_fd)
+    _state.update(real=real, thread=thread, writer=write_fd, pid=os.getpid())
     atexit.register(restore)
 
 
 def restore() -> None:
     """Puts the real stderr back and lets the copier write out what it still holds."""
-    if not _state:
+    if not _state or _state["pid"] != os.getpid():  # a forked child's exit must not end its parent's copier
         return
     try:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
     os.dup2(_state["real"], 2)
-    try:  # after everything this process wrote: the copier writes that out, then stops
-        os.set_blocking(_state["writer"], False)  # a copier that died leaves a full pipe: do not hang on it
-        os.write(_state["writer"], _END)
-    except OSError:
-        pass
-    os.close(_state["writer"])
-    _state["thread"].join(timeout=5)
-    os.close(_state.pop("real"))
+    copier, writer = _state["thread"], _state["writer"]
+    deadline = time.monotonic() + 5
+    # The marker goes after everything this process wrote; the write end stays blocking (children
+    # share its file description), so wait for room instead, and not for a copier that died.
+    while copier.is_alive() and time.monotonic() < deadline:
+        if select.select([], [writer], [], 0.1)[1]:
+            os.write(writer, _END)  # shorter than PIPE_BUF: one atomic write
+            break
+    os.close(writer)
+    copier.join(timeout=max(0.0, deadline - time.monotonic()))
+    if not copier.is_alive():  # a copier still running may yet write to it
+        os.close(_state["real"])
     _state.clear()
 
 

@@ -29,11 +29,19 @@ def test_raw_text_file_with_the_models_tokenizer(trained_model_dir, tmp_path):
     text.write_text(code)
     table.write_text(f"id\tcode\n7\t{code}\n")  # the same document as a .tsv row, read by --text_field
     one = evaluate(trained_model_dir, tmp_path / "t1.json", "none", f"--text_file={text}")
-    two = evaluate(trained_model_dir, tmp_path / "t2.json", "mpi", f"--text_file={table}", "--text_field=code")
+    two = evaluate(trained_model_dir, tmp_path / "t2.json", "mpi", f"--text_file={text}")
+    row = evaluate(trained_model_dir, tmp_path / "t3.json", "none", f"--text_file={table}", "--text_field=code")
     # every character and the closing <eod> are targets; the first character is context only
-    assert one["tokens"] == two["tokens"] == len(code)
+    assert one["tokens"] == two["tokens"] == row["tokens"] == len(code)
     assert abs(one["loss"] - two["loss"]) <= 1e-9 * abs(one["loss"])
+    assert abs(row["loss"] - one["loss"]) <= 1e-9 * abs(one["loss"])
     assert one["split"] == "text"
+    # the model's data was a .txt corpus: its .tsv column is the default, `text`, which this file lacks
+    proc = run(["-m", "pipelines.evaluate", f"--model_dir={trained_model_dir}", f"--output_json={tmp_path / 't4'}",
+                f"--text_file={table}"], check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {table}: no column 'text' (columns: id, code; "
+                                                    "see --text_field)")
 
 
 def test_existing_output_json_is_refused(trained_model_dir, tmp_path):
