@@ -4,8 +4,8 @@ Single process:
     python -m pipelines.evaluate --model_dir=runs/tiny                       # validation split of its data
     python -m pipelines.evaluate --model_dir=runs/tiny --split=train --checkpoint=best
     python -m pipelines.evaluate --model_dir=runs/tiny --text_file=notes.txt  # raw text, model's tokenizer
-    python -m pipelines.evaluate --model_dir=runs/sst2-lm --text_file=../shared/data/sst2/dev.tsv \
-        --text_field=sentence --output_json=/tmp/sst2-dev-lm.json
+    python -m pipelines.evaluate --model_dir=runs/imdb-sst2 --text_file=../shared/data/sst2/dev.tsv \
+        --text_field=content --output_json=/tmp/sst2-dev-lm.json
 Distributed (same numbers at any world size):
     horovodrun -np 2 -H localhost:2 --gloo python -m pipelines.evaluate --model_dir=runs/tiny
     mpirun -np 2 python -m pipelines.evaluate --model_dir=runs/tiny
