@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from tfllm import distributed
 from tfllm.config import DataConfig
-from tfllm.data.corpus import Corpus
+from tfllm.data.corpus import Corpus, Parser
 from tfllm.data.pipeline import DataError, WindowDataset, untuned
 from tfllm.data.shards import Packer
 from tfllm.models import lm_loss_sums, perplexity
@@ -32,12 +32,9 @@ class TextWindows:
     """
 
     def __init__(self, path: str, tokenizer, seq_len: int, data: DataConfig | None = None):
-        data = data or DataConfig()
         collected = []
         packer = Packer(seq_len, _ListWriter(collected))
-        corpus = Corpus([path], jsonl_field=data.jsonl_field, on_decode_error=data.on_decode_error,
-                        parquet_column=data.parquet_column, clean=data.clean, tsv_column=data.tsv_column)
-        for doc in corpus:
+        for doc in Corpus([path], parser=Parser.from_config(data or DataConfig())):
             packer.add(np.asarray(tokenizer.encode(doc.text), np.int32))
         packer.finish()
         if not collected:

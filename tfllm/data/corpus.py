@@ -114,6 +114,11 @@ class Parser:
         self.clean = clean
         self._columns: dict[str, tuple[int, int]] = {}  # .tsv path -> (text column's index, fields per row)
 
+    @classmethod
+    def from_config(cls, cfg) -> Parser:
+        """The parser a DataConfig names: preparation and raw-text evaluation read files alike."""
+        return cls(cfg.jsonl_field, cfg.on_decode_error, cfg.parquet_column, cfg.clean, cfg.tsv_column)
+
     def pieces(self, path: str, block: formats.Block) -> tuple[list[Piece], int]:
         fmt = formats.kind(path)[0]
         if fmt == "parquet":
@@ -219,9 +224,10 @@ class Corpus:
     """An ordered, re-iterable stream of whole documents (evaluation and the tokenizer's sample)."""
 
     def __init__(self, specs: list[str], jsonl_field: str = "text", on_decode_error: str = "strict",
-                 max_bytes: int = 0, parquet_column: str = "text", clean: str = "none", tsv_column: str = "text"):
+                 max_bytes: int = 0, parquet_column: str = "text", clean: str = "none", tsv_column: str = "text",
+                 parser: Parser | None = None):
         self.files = resolve_files(specs)
-        self.parser = Parser(jsonl_field, on_decode_error, parquet_column, clean, tsv_column)
+        self.parser = parser or Parser(jsonl_field, on_decode_error, parquet_column, clean, tsv_column)
         self.max_bytes = max_bytes
         self.skipped = 0
         self.files_read: list[str] = []  # what the last full pass read (max_bytes may stop early)

@@ -157,7 +157,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print, world=None) -> dict:
     cfg.validate()
     out_dir = os.path.abspath(out_dir)
     parts_dir = out_dir.rstrip("/") + ".parts"
-    parser = Parser(cfg.jsonl_field, cfg.on_decode_error, cfg.parquet_column, cfg.clean, cfg.tsv_column)
+    parser = Parser.from_config(cfg)
     workers = cfg.workers or default_workers(world)
     started = time.time()
 
