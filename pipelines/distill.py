@@ -21,8 +21,6 @@ Every rank reads the teacher dir. TensorBoard shows `loss` (the next-token loss,
 `distill/objective`, `distill/kl`. The last lines printed are `val_loss=<float>` and `tokens_per_sec=<float>`.
 """
 
-from absl import flags
-
 from pipelines.pretrain import report
 from tfllm import cli
 from tfllm.flags import define_distill_flags, define_train_flags, distill_config_from_flags
@@ -30,7 +28,6 @@ from tfllm.train import pretrain
 
 define_train_flags()
 define_distill_flags()
-FLAGS = flags.FLAGS
 
 
 def main(argv):

@@ -21,52 +21,58 @@ there as version <step>, and the server moves to the highest version it finds:
 that a new pretraining run can start from: python -m pipelines.pretrain ... --init_preset=exports/tiny/preset
 """
 
+import dataclasses
 import os
-
-from absl import flags
 
 from tfllm import atomic, cli, distributed
 from tfllm.config import ConfigError
 from tfllm.export import export, output_dir
+from tfllm.flags import Options, define_options, option, read_options
 from tfllm.models import build_causal_lm
 from tfllm.quantize import check_mode, quantization_mode, quantize, refuse_quantized, weight_bytes
 from tfllm.restore import load_trained_model
 
-flags.DEFINE_string("model_dir", "", "Model dir written by pipelines.pretrain, or an export of one.")
-flags.DEFINE_string("checkpoint", "latest", "latest, best, a step number or a checkpoint directory.")
-flags.DEFINE_string("output_dir", "", "Where to write saved_model/, model.keras, tokenizer/ and preset/.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing --output_dir.")
-flags.DEFINE_string("quantize", "", "int8 or int4: quantize the weights (Keras post-training quantization).")
-flags.DEFINE_string("serving_dir", "", "Also copy the SavedModel to <serving_dir>/<step>, a version of a TensorFlow "
-                    "Serving model base path (--overwrite replaces an existing version).")
-FLAGS = flags.FLAGS
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions(Options):
+    model_dir: str = option("", "Model dir written by pipelines.pretrain, or an export of one.")
+    checkpoint: str = option("latest", "latest, best, a step number or a checkpoint directory.")
+    output_dir: str = option("", "Where to write saved_model/, model.keras, tokenizer/ and preset/.")
+    overwrite: bool = option(False, "Replace an existing --output_dir.")
+    quantize: str = option("", "int8 or int4: quantize the weights (Keras post-training quantization).")
+    serving_dir: str = option("", "Also copy the SavedModel to <serving_dir>/<step>, a version of a TensorFlow "
+                              "Serving model base path (--overwrite replaces an existing version).")
+
+
+define_options(ExportOptions)
 
 
 def main(argv):
     if not distributed.init().is_chief:
         return
-    if not FLAGS.output_dir:
+    opts = read_options(ExportOptions)
+    if not opts.output_dir:
         raise ConfigError("--output_dir is required")
-    if FLAGS.quantize:
-        check_mode(FLAGS.quantize)
-    if os.path.abspath(FLAGS.output_dir) == os.path.abspath(FLAGS.model_dir):
-        raise ConfigError(f"--output_dir={FLAGS.output_dir} is the --model_dir it exports from; choose another")
-    output_dir(FLAGS.output_dir, FLAGS.overwrite)  # before the model loads: an existing export is kept
-    trained = load_trained_model(FLAGS.model_dir, FLAGS.checkpoint)
-    version_dir = output_dir(os.path.join(FLAGS.serving_dir, str(trained.step)), FLAGS.overwrite) \
-        if FLAGS.serving_dir else None
+    if opts.quantize:
+        check_mode(opts.quantize)
+    if os.path.abspath(opts.output_dir) == os.path.abspath(opts.model_dir):
+        raise ConfigError(f"--output_dir={opts.output_dir} is the --model_dir it exports from; choose another")
+    output_dir(opts.output_dir, opts.overwrite)  # before the model loads: an existing export is kept
+    trained = load_trained_model(opts.model_dir, opts.checkpoint)
+    version_dir = output_dir(os.path.join(opts.serving_dir, str(trained.step)), opts.overwrite) \
+        if opts.serving_dir else None
     model, size = trained.model, weight_bytes(trained.model)
-    refuse_quantized(trained.quantization or quantization_mode(model), FLAGS.model_dir)
-    if FLAGS.quantize:
-        model = quantize(model, FLAGS.quantize, source=FLAGS.model_dir)
-        print(f"quantized to {FLAGS.quantize}: weights {size / 1e6:.2f} MB -> {weight_bytes(model) / 1e6:.2f} MB",
+    refuse_quantized(trained.quantization or quantization_mode(model), opts.model_dir)
+    if opts.quantize:
+        model = quantize(model, opts.quantize, source=opts.model_dir)
+        print(f"quantized to {opts.quantize}: weights {size / 1e6:.2f} MB -> {weight_bytes(model) / 1e6:.2f} MB",
               flush=True)
     record = {"config": trained.config.to_dict(), "step": trained.step, "checkpoint": trained.checkpoint,
-              "source": os.path.abspath(FLAGS.model_dir)}
+              "source": os.path.abspath(opts.model_dir)}
     # int8 serves through a float twin of the architecture (see tfllm/quantize.py: FloatTwin).
-    twin = build_causal_lm(trained.config.model) if FLAGS.quantize == "int8" else None
-    out = export(model, trained.tokenizer, trained.config.model.max_sequence_length, FLAGS.output_dir,
-                 FLAGS.overwrite, record, twin, trained.config.data.clean)
+    twin = build_causal_lm(trained.config.model) if opts.quantize == "int8" else None
+    out = export(model, trained.tokenizer, trained.config.model.max_sequence_length, opts.output_dir,
+                 opts.overwrite, record, twin, trained.config.data.clean)
     print(f"exported step {trained.step} ({trained.checkpoint}) to {out}", flush=True)
     if version_dir:  # complete or absent: the server never sees a half-copied version
         atomic.copy_dir(os.path.join(out, "saved_model"), version_dir)

@@ -15,27 +15,35 @@ int4 for quantized weights, as pipelines.export). An export evaluates and predic
     python -m pipelines.finetune --mode=evaluate --model_dir=runs/sst2-int8 --eval_file=../shared/data/sst2/dev.tsv
 """
 
+import dataclasses
 import json
 import os
 import sys
 
-from absl import flags
-
 from tfllm import cli, distributed
 from tfllm.config import ConfigError
-from tfllm.flags import define_finetune_flags, define_train_flags, finetune_config_from_flags
+from tfllm.flags import (Options, define_finetune_flags, define_options, define_train_flags, finetune_config_from_flags,
+                         option, read_options, shared)
 from tfllm.quantize import check_mode, weight_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneOptions(Options):
+    mode: str = option("train", "What to do.", choices=("train", "evaluate", "predict", "export"))
+    checkpoint: str = option("best", "evaluate/predict/export: best, latest, a step or a path.")
+    eval_file: str = option("", "evaluate: labelled file (default: the run's validation examples).")
+    input: str = option("-", "predict: text file, one example per line ('-': stdin).")
+    export_dir: str = option("", "export: output directory.")
+    quantize: str = option("", "export: int8 or int4, quantized weights (as pipelines.export --quantize).")
+    output_json: str = option("", "train/evaluate: also write the final report here.")
+    model_dir: str = shared()
+    overwrite: bool = shared()
+    init_preset: str = shared()
+
 
 define_train_flags()
 define_finetune_flags()
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "export"], "What to do.")
-flags.DEFINE_string("checkpoint", "best", "evaluate/predict/export: best, latest, a step or a path.")
-flags.DEFINE_string("eval_file", "", "evaluate: labelled file (default: the run's validation examples).")
-flags.DEFINE_string("input", "-", "predict: text file, one example per line ('-': stdin).")
-flags.DEFINE_string("export_dir", "", "export: output directory.")
-flags.DEFINE_string("quantize", "", "export: int8 or int4, quantized weights (as pipelines.export --quantize).")
-flags.DEFINE_string("output_json", "", "train/evaluate: also write the final report here.")
-FLAGS = flags.FLAGS
+define_options(FinetuneOptions)
 
 
 def _read_texts(path: str) -> list[str]:
@@ -52,37 +60,38 @@ def _read_texts(path: str) -> list[str]:
 def main(argv):
     from tfllm import finetune
 
-    if FLAGS.init_preset:  # a pretraining flag that fine-tuning would otherwise silently ignore
+    opts = read_options(FinetuneOptions)
+    if opts.init_preset:  # a pretraining flag that fine-tuning would otherwise silently ignore
         raise ConfigError("--init_preset starts pretraining runs; fine-tuning starts from --pretrained_dir")
-    if FLAGS.quantize and FLAGS.mode != "export":
+    if opts.quantize and opts.mode != "export":
         raise ConfigError("--quantize applies to --mode=export")
-    if FLAGS.mode == "train":
+    if opts.mode == "train":
         result = finetune.finetune(finetune_config_from_flags())
     else:
-        if not FLAGS.model_dir:
+        if not opts.model_dir:
             raise ConfigError("--model_dir is required")
         distributed.init()
-        if FLAGS.mode == "export":
-            if not FLAGS.export_dir:
+        if opts.mode == "export":
+            if not opts.export_dir:
                 raise ConfigError("--export_dir is required")
-            if os.path.abspath(FLAGS.export_dir) == os.path.abspath(FLAGS.model_dir):
-                raise ConfigError(f"--export_dir={FLAGS.export_dir} is the --model_dir it exports from; choose another")
-            if FLAGS.quantize:
-                check_mode(FLAGS.quantize)
-        clf = finetune.load_classifier(FLAGS.model_dir, FLAGS.checkpoint)
-        if FLAGS.mode == "predict":
-            for label, prob in finetune.predict(clf, _read_texts(FLAGS.input)):
+            if os.path.abspath(opts.export_dir) == os.path.abspath(opts.model_dir):
+                raise ConfigError(f"--export_dir={opts.export_dir} is the --model_dir it exports from; choose another")
+            if opts.quantize:
+                check_mode(opts.quantize)
+        clf = finetune.load_classifier(opts.model_dir, opts.checkpoint)
+        if opts.mode == "predict":
+            for label, prob in finetune.predict(clf, _read_texts(opts.input)):
                 print(f"{label}\t{prob:.4f}")
             return
-        if FLAGS.mode == "export":
+        if opts.mode == "export":
             size = weight_bytes(clf.model)
-            out = finetune.export_classifier(clf, FLAGS.export_dir, FLAGS.overwrite, FLAGS.quantize, FLAGS.model_dir)
-            if FLAGS.quantize:
-                print(f"quantized to {FLAGS.quantize}: weights {size / 1e6:.2f} MB -> "
+            out = finetune.export_classifier(clf, opts.export_dir, opts.overwrite, opts.quantize, opts.model_dir)
+            if opts.quantize:
+                print(f"quantized to {opts.quantize}: weights {size / 1e6:.2f} MB -> "
                       f"{weight_bytes(clf.model) / 1e6:.2f} MB")
             print(f"exported {out}")
             return
-        result = finetune.evaluate_file(clf, FLAGS.eval_file)
+        result = finetune.evaluate_file(clf, opts.eval_file)
         if distributed.world().is_chief:
             from tfllm.classifier import format_report
             print(format_report(result, clf.classes))
@@ -90,9 +99,9 @@ def main(argv):
         report = result.get("validation", result)
         print(f"accuracy={report['accuracy']:.4f}")
         print(json.dumps(result), flush=True)
-        if FLAGS.output_json:
+        if opts.output_json:
             from tfllm.atomic import write_json
-            write_json(FLAGS.output_json, result, sort_keys=False)
+            write_json(opts.output_json, result, sort_keys=False)
 
 
 if __name__ == "__main__":

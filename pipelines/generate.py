@@ -11,32 +11,39 @@ Prompts come from --prompt (repeatable) or --prompts_file (one per line); each c
 printed after its prompt, separated by a line of dashes.
 """
 
-from absl import flags
+import dataclasses
 
 from tfllm import cli, distributed
 from tfllm.config import ConfigError
-from tfllm.flags import define_sampling_flags, sampling_config_from_flags, unquote
+from tfllm.flags import (Options, define_options, define_sampling_flags, option, read_options,
+                         sampling_config_from_flags, unquote)
 from tfllm.generate import generate_text
 from tfllm.restore import load_trained_model
 
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions(Options):
+    model_dir: str = option("", "Model dir written by pipelines.pretrain, or an export of one.")
+    checkpoint: str = option("latest", "latest, best, a step number or a checkpoint directory.")
+    prompt: list = option([], 'A prompt (repeat the flag for a batch); in a flagfile, "quoted" keeps edge spaces.',
+                          repeated=True)
+    prompts_file: str = option("", "A file with one prompt per line.")
+
+
 define_sampling_flags()
-flags.DEFINE_string("model_dir", "", "Model dir written by pipelines.pretrain, or an export of one.")
-flags.DEFINE_string("checkpoint", "latest", "latest, best, a step number or a checkpoint directory.")
-flags.DEFINE_multi_string("prompt", [], 'A prompt (repeat the flag for a batch); in a flagfile, "quoted" keeps edge spaces.')
-flags.DEFINE_string("prompts_file", "", "A file with one prompt per line.")
-FLAGS = flags.FLAGS
+define_options(GenerateOptions)
 
 
-def read_prompts() -> list[str]:
-    prompts = [unquote(p) for p in FLAGS.prompt]
-    if FLAGS.prompts_file:
+def read_prompts(opts: GenerateOptions) -> list[str]:
+    prompts = [unquote(p) for p in opts.prompt]
+    if opts.prompts_file:
         try:
-            with open(FLAGS.prompts_file, encoding="utf-8") as f:
+            with open(opts.prompts_file, encoding="utf-8") as f:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         except FileNotFoundError:
-            raise ConfigError(f"--prompts_file={FLAGS.prompts_file}: no such file") from None
+            raise ConfigError(f"--prompts_file={opts.prompts_file}: no such file") from None
         except UnicodeDecodeError as e:
-            raise ConfigError(f"--prompts_file={FLAGS.prompts_file}: invalid UTF-8 at byte {e.start}") from None
+            raise ConfigError(f"--prompts_file={opts.prompts_file}: invalid UTF-8 at byte {e.start}") from None
     if not prompts:
         raise ConfigError("no prompt: pass --prompt=TEXT or --prompts_file=FILE")
     for i, p in enumerate(prompts, 1):
@@ -48,10 +55,10 @@ def read_prompts() -> list[str]:
 def main(argv):
     if not distributed.init(pin_gpu=True).is_chief:
         return
-    sampling = sampling_config_from_flags()
+    opts, sampling = read_options(GenerateOptions), sampling_config_from_flags()
     sampling.validate()
-    prompts = read_prompts()
-    trained = load_trained_model(FLAGS.model_dir, FLAGS.checkpoint)
+    prompts = read_prompts(opts)
+    trained = load_trained_model(opts.model_dir, opts.checkpoint)
     outputs = generate_text(trained.model, trained.tokenizer, prompts, sampling, trained.config.data.clean)
     for i, (prompt, text) in enumerate(zip(prompts, outputs)):
         if i:

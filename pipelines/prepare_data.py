@@ -17,15 +17,12 @@ Inputs: files, directories and globs of .txt / .jsonl (--jsonl_field), their .gz
 fine-tuning set's training file, whose text a backbone can pretrain further on (--init_preset).
 """
 
-from absl import flags
-
 from tfllm import cli, distributed
 from tfllm.config import ConfigError
 from tfllm.data.prepare import prepare
 from tfllm.flags import data_config_from_flags, define_data_flags
 
 define_data_flags()
-FLAGS = flags.FLAGS
 
 
 def main(argv):

@@ -20,14 +20,11 @@ lines printed include `val_loss=<float>` and `tokens_per_sec=<float>` (the whole
 10 steps, which compile the step, left out; validations and checkpoints are not counted).
 """
 
-from absl import flags
-
 from tfllm import cli, distributed
 from tfllm.flags import config_from_flags, define_train_flags
 from tfllm.train import pretrain
 
 define_train_flags()
-FLAGS = flags.FLAGS
 
 
 def main(argv):

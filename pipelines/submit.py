@@ -11,46 +11,52 @@ the same command line as `horovodrun -np N python -m pipelines.pretrain ...` or
 slots that differ from GPUs per worker, a missing flagfile) are refused before anything is sent.
 """
 
+import dataclasses
 import pathlib
 import sys
 
-from absl import flags
-
 from tfllm import cli
 from tfllm.config import ConfigError
+from tfllm.flags import Options, define_options, option, read_options
 from tfllm.k8s import JobRequest, apply, follow, render
 
 TEMPLATE = pathlib.Path(__file__).resolve().parents[1] / "k8s" / "base" / "mpijob.yaml"
 
-flags.DEFINE_string("name", "tfllm-pretrain", "MPIJob name (also names the run directory on the volume).")
-flags.DEFINE_string("namespace", "default", "Kubernetes namespace.")
-flags.DEFINE_integer("workers", 2, "Worker pods.")
-flags.DEFINE_integer("gpus_per_worker", 0, "GPUs per worker pod (0: CPU workers).")
-flags.DEFINE_integer("slots_per_worker", 0, "Ranks per worker (0: = GPUs per worker, or 1 on CPU).")
-flags.DEFINE_string("image", "", "Container image built from k8s/images/{cpu,gpu}.Dockerfile.")
-flags.DEFINE_string("job_flagfile", "flags/tiny.cfg", "Pretraining flagfile shipped to the pods in a ConfigMap.")
-flags.DEFINE_string("model_dir", "", "Model dir on the shared volume (default /data/runs/<name>/model).")
-flags.DEFINE_string("data_dir", "", "Prepared data dir on the shared volume (default /data/runs/<name>/data).")
-flags.DEFINE_string("worker_cpu", "", "CPU request and limit per worker (e.g. 64).")
-flags.DEFINE_string("worker_memory", "", "Memory request and limit per worker (e.g. 512Gi).")
-flags.DEFINE_list("extra_args", [], "More pretraining flags, comma-separated (e.g. --corpus=/data/text).")
-flags.DEFINE_string("output", "-", "Write the manifests here ('-': stdout).")
-flags.DEFINE_bool("apply", False, "Submit through the Kubernetes API (kubeconfig or in-cluster config).")
-flags.DEFINE_bool("follow", False, "With --apply: stream the launcher's log and exit with the job's result.")
-flags.DEFINE_string("kubeconfig", "", "Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then in-cluster).")
-flags.DEFINE_string("context", "", "Kubeconfig context.")
-flags.DEFINE_float("follow_timeout", 0, "With --follow: give up after so many seconds (0: never).")
-FLAGS = flags.FLAGS
 
 
-def _api_client():
+@dataclasses.dataclass(frozen=True)
+class SubmitOptions(Options):
+    name: str = option("tfllm-pretrain", "MPIJob name (also names the run directory on the volume).")
+    namespace: str = option("default", "Kubernetes namespace.")
+    workers: int = option(2, "Worker pods.")
+    gpus_per_worker: int = option(0, "GPUs per worker pod (0: CPU workers).")
+    slots_per_worker: int = option(0, "Ranks per worker (0: = GPUs per worker, or 1 on CPU).")
+    image: str = option("", "Container image built from k8s/images/{cpu,gpu}.Dockerfile.")
+    job_flagfile: str = option("flags/tiny.cfg", "Pretraining flagfile shipped to the pods in a ConfigMap.")
+    model_dir: str = option("", "Model dir on the shared volume (default /data/runs/<name>/model).")
+    data_dir: str = option("", "Prepared data dir on the shared volume (default /data/runs/<name>/data).")
+    worker_cpu: str = option("", "CPU request and limit per worker (e.g. 64).")
+    worker_memory: str = option("", "Memory request and limit per worker (e.g. 512Gi).")
+    extra_args: list = option([], "More pretraining flags, comma-separated (e.g. --corpus=/data/text).")
+    output: str = option("-", "Write the manifests here ('-': stdout).")
+    apply: bool = option(False, "Submit through the Kubernetes API (kubeconfig or in-cluster config).")
+    follow: bool = option(False, "With --apply: stream the launcher's log and exit with the job's result.")
+    kubeconfig: str = option("", "Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then in-cluster).")
+    context: str = option("", "Kubeconfig context.")
+    follow_timeout: float = option(0.0, "With --follow: give up after so many seconds (0: never).")
+
+
+define_options(SubmitOptions)
+
+
+def _api_client(opts: SubmitOptions):
     from kubernetes import client, config
 
     try:
-        return config.new_client_from_config(config_file=FLAGS.kubeconfig or None, context=FLAGS.context or None)
+        return config.new_client_from_config(config_file=opts.kubeconfig or None, context=opts.context or None)
     except (config.ConfigException, OSError) as e:
-        if FLAGS.kubeconfig:
-            raise ConfigError(f"--kubeconfig={FLAGS.kubeconfig}: {e}") from None
+        if opts.kubeconfig:
+            raise ConfigError(f"--kubeconfig={opts.kubeconfig}: {e}") from None
         try:
             config.load_incluster_config()
         except config.ConfigException:
@@ -61,27 +67,28 @@ def _api_client():
 def main(argv):
     import yaml
 
-    req = JobRequest(name=FLAGS.name, flagfile=FLAGS.job_flagfile, image=FLAGS.image, workers=FLAGS.workers,
-                     gpus_per_worker=FLAGS.gpus_per_worker, slots_per_worker=FLAGS.slots_per_worker,
-                     namespace=FLAGS.namespace, model_dir=FLAGS.model_dir, data_dir=FLAGS.data_dir,
-                     worker_cpu=FLAGS.worker_cpu, worker_memory=FLAGS.worker_memory, extra_args=tuple(FLAGS.extra_args))
+    opts = read_options(SubmitOptions)
+    req = JobRequest(name=opts.name, flagfile=opts.job_flagfile, image=opts.image, workers=opts.workers,
+                     gpus_per_worker=opts.gpus_per_worker, slots_per_worker=opts.slots_per_worker,
+                     namespace=opts.namespace, model_dir=opts.model_dir, data_dir=opts.data_dir,
+                     worker_cpu=opts.worker_cpu, worker_memory=opts.worker_memory, extra_args=tuple(opts.extra_args))
     objects = render(yaml.safe_load(TEMPLATE.read_text()), req)
     text = yaml.safe_dump_all(objects, sort_keys=False)
-    if FLAGS.output == "-":
-        if not FLAGS.apply:
+    if opts.output == "-":
+        if not opts.apply:
             sys.stdout.write(text)
     else:
         from tfllm.atomic import write_text
 
-        write_text(FLAGS.output, text)
-        print(f"wrote {FLAGS.output}", file=sys.stderr)
-    if not FLAGS.apply:
+        write_text(opts.output, text)
+        print(f"wrote {opts.output}", file=sys.stderr)
+    if not opts.apply:
         return
-    api = _api_client()
+    api = _api_client(opts)
     apply(objects, api)
     print(f"submitted MPIJob {req.namespace}/{req.name} ({req.workers} workers x {req.slots} slots)", flush=True)
-    if FLAGS.follow:
-        phase = follow(req.name, req.namespace, api, sys.stdout, timeout_s=FLAGS.follow_timeout)
+    if opts.follow:
+        phase = follow(req.name, req.namespace, api, sys.stdout, timeout_s=opts.follow_timeout)
         print(f"MPIJob {req.namespace}/{req.name}: {phase}", flush=True)
         if phase != "Succeeded":
             sys.exit(1)

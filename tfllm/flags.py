@@ -1,7 +1,10 @@
-"""Every absl flag of tfllm, grouped, and `config_from_flags()`.
+"""Every absl flag of tfllm, grouped, and `config_from_flags()`; the one module that defines or reads them.
 
 Pipelines call the `define_*` functions they need at import time; library code never reads
-FLAGS. Defaults live in `tfllm.config` so that flags, flagfiles and tests agree.
+FLAGS. Defaults live in `tfllm.config` so that flags, flagfiles and tests agree. A pipeline's own
+options (pipelines.evaluate's --text_file, say) are the fields of an `Options` dataclass it
+declares with `option()`; `define_options` makes them flags and `read_options` returns their values.
+TensorFlow is imported only by the flag groups that need it, so pipelines.submit starts without it.
 """
 
 from __future__ import annotations
@@ -11,15 +14,17 @@ import os
 
 from absl import flags
 
-from tfllm import preset
+from typing import TYPE_CHECKING
+
 from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, TRUNCATIONS, WEIGHT_INITS, Config,
                           ConfigError, DataConfig, DistillConfig, FinetuneConfig, ModelConfig, OptimizerConfig,
                           TrainConfig, canonical_clean)
-from tfllm.generate import STRATEGIES, SamplingConfig
-from tfllm.restore import CONFIG_FILE
+
+if TYPE_CHECKING:
+    from tfllm.generate import SamplingConfig
 
 FLAGS = flags.FLAGS
-_D, _M, _O, _T, _S = DataConfig(), ModelConfig(), OptimizerConfig(), TrainConfig(), SamplingConfig()
+_D, _M, _O, _T = DataConfig(), ModelConfig(), OptimizerConfig(), TrainConfig()
 
 
 def _once(fn):
@@ -85,6 +90,8 @@ def define_model_flags() -> None:
 
 @_once
 def define_train_flags() -> None:
+    from tfllm.generate import STRATEGIES
+
     define_data_flags()
     define_model_flags()
     flags.DEFINE_string("model_dir", _T.model_dir, "Checkpoints, config.json and TensorBoard logs. Rerun to resume.")
@@ -180,13 +187,16 @@ def distill_config_from_flags() -> Config:
 
 @_once
 def define_sampling_flags() -> None:
-    flags.DEFINE_enum("strategy", _S.strategy, STRATEGIES, "Sampling strategy.")
-    flags.DEFINE_integer("max_new_tokens", _S.max_new_tokens, "Tokens to generate per prompt.")
-    flags.DEFINE_float("temperature", _S.temperature, "Softmax temperature (top_k, top_p, random).")
-    flags.DEFINE_integer("top_k", _S.top_k, "k of top-k sampling.")
-    flags.DEFINE_float("top_p", _S.top_p, "Probability mass of nucleus sampling.")
+    from tfllm.generate import STRATEGIES, SamplingConfig
+
+    default = SamplingConfig()
+    flags.DEFINE_enum("strategy", default.strategy, STRATEGIES, "Sampling strategy.")
+    flags.DEFINE_integer("max_new_tokens", default.max_new_tokens, "Tokens to generate per prompt.")
+    flags.DEFINE_float("temperature", default.temperature, "Softmax temperature (top_k, top_p, random).")
+    flags.DEFINE_integer("top_k", default.top_k, "k of top-k sampling.")
+    flags.DEFINE_float("top_p", default.top_p, "Probability mass of nucleus sampling.")
     flags.DEFINE_integer("sampling_seed", None, "Seed for reproducible sampling.")
-    flags.DEFINE_bool("stop_at_eod", _S.stop_at_eod, "Stop a continuation at the end-of-document token.")
+    flags.DEFINE_bool("stop_at_eod", default.stop_at_eod, "Stop a continuation at the end-of-document token.")
 
 
 @_once
@@ -258,6 +268,8 @@ _ARCHITECTURE_FLAGS = {"model": lambda m: m.family, "num_layers": lambda m: m.nu
 
 def preset_model_config(path: str, from_flags: ModelConfig) -> ModelConfig:
     """The preset's architecture; model flags given explicitly (command line or flagfile) must agree."""
+    from tfllm import preset
+
     from_preset = preset.model_config(path)
     checked = [n for n in _ARCHITECTURE_FLAGS if n != "max_sequence_length" or from_preset.family == "gpt2"]
     conflicts = [f"--{n}={FLAGS[n].value} (preset: {_ARCHITECTURE_FLAGS[n](from_preset)})" for n in checked
@@ -285,6 +297,9 @@ def unquote(text: str) -> str:
 
 
 def config_from_flags() -> Config:
+    from tfllm import preset
+    from tfllm.restore import CONFIG_FILE
+
     optimizer = optimizer_config_from_flags()
     train = TrainConfig(**{name: getattr(FLAGS, name) for name in (
         "model_dir", "batch_size", "grad_accum_steps", "parallel_slices", "train_steps", "precision", "jit_compile",
@@ -309,5 +324,53 @@ def config_from_flags() -> Config:
 
 
 def sampling_config_from_flags() -> SamplingConfig:
+    from tfllm.generate import SamplingConfig
+
     return SamplingConfig(strategy=FLAGS.strategy, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                           top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.sampling_seed, stop_at_eod=FLAGS.stop_at_eod)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """A pipeline's own options: a subclass declares them as fields, each made with `option()`
+    (a flag this module defines for it) or `shared()` (a flag of one of the groups above)."""
+    given: frozenset = frozenset()  # the options set on the command line or in a flagfile, not left at default
+
+
+def option(default, help: str, choices: tuple[str, ...] = (), repeated: bool = False):
+    """A pipeline option, the flag of the field's name, typed by its default: str (an enum, given
+    `choices`), int, float, bool, or a list of strings (comma-separated, or with `repeated` one
+    value per use of the flag: --prompt=a --prompt=b)."""
+    field = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return dataclasses.field(**field, metadata={"help": help, "choices": choices, "repeated": repeated})
+
+
+def shared():
+    """An option that a flag group above defines (fine-tuning reads define_train_flags' --model_dir)."""
+    return dataclasses.field(default=None, metadata={"shared": True})
+
+
+_DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool}
+
+
+def define_options(cls: type[Options], flag_values: flags.FlagValues = FLAGS) -> None:
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        doc, choices = f.metadata["help"], f.metadata["choices"]
+        if choices:
+            flags.DEFINE_enum(f.name, default, list(choices), doc, flag_values=flag_values)
+        elif isinstance(default, list):
+            define = flags.DEFINE_multi_string if f.metadata["repeated"] else flags.DEFINE_list
+            define(f.name, default, doc, flag_values=flag_values)
+        elif type(default) in _DEFINE:
+            _DEFINE[type(default)](f.name, default, doc, flag_values=flag_values)
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: an option's default is a str, int, float, bool or list")
+
+
+def read_options(cls: type[Options], flag_values: flags.FlagValues = FLAGS) -> Options:
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "given"]
+    return cls(given=frozenset(n for n in names if flag_values[n].present),
+               **{n: flag_values[n].value for n in names})
