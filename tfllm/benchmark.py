@@ -13,6 +13,8 @@ the measured steps. Synthetic data keeps the input pipeline out of the figures.
   model's alpha).
 - `measure_step`: all of the above for one configuration, as the flat record that
   `pipelines/benchmark.py` prints, writes as JSON and logs to TensorBoard.
+- `measure_buckets`, `measure_overhead`, `generation_report`: the other modes' records; the
+  `*_table` and `*_report` functions give the pipeline their tables.
 """
 
 from __future__ import annotations
@@ -325,3 +327,36 @@ def markdown(rows: list[list]) -> str:
     """A markdown table; the first row is the header."""
     lines = ["| " + " | ".join(str(c) for c in rows[0]) + " |", "|" + "---|" * len(rows[0])]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows[1:]])
+
+
+def buckets_table(result: dict) -> list[list]:
+    """The rows of a `measure_buckets` result: one per bucket count."""
+    return [["allreduce buckets", "step ms", "compute ms", "exposed allreduce ms", "hidden share",
+             "step / unbucketed"]] + [
+        [r["allreduce_buckets"], f"{r['step_ms']:.1f}", f"{r['compute_ms']:.1f}", f"{r['exposed_allreduce_ms']:.1f}",
+         "" if r["hidden_share"] is None else f"{100 * r['hidden_share']:.1f}%", f"{r['step_over_unbucketed']:.3f}"]
+        for r in result["runs"]]
+
+
+def measure_overhead(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int, jit_compile: bool,
+                     precision: str = "float32", clip_norm: float = 0.0, parallel_slices: int = 1,
+                     grad_accum_steps: int = 1) -> tuple[dict, list[list]]:
+    """tfllm's step against `model.fit` of the same model (single process), and its table."""
+    result = measure_step(cfg, batch, seq_len, steps, warmup, jit_compile, precision, mode="overhead",
+                          clip_norm=clip_norm, parallel_slices=parallel_slices, grad_accum_steps=grad_accum_steps)
+    # keras's equivalent of K accumulated micro-batches is one batch K times as large.
+    fit = time_keras_fit(cfg, grad_accum_steps * batch, seq_len, steps, warmup, jit_compile, precision, clip_norm)
+    result.update(keras_fit_step_ms=1000 * fit.median_s,
+                  overhead_ratio=result["step_ms_median"] / (1000 * fit.median_s))
+    return result, [["", "median ms", "p10 ms", "p90 ms"],
+                    ["tfllm step", *(f"{result[k]:.2f}" for k in ("step_ms_median", "step_ms_p10", "step_ms_p90"))],
+                    ["keras model.fit", *(f"{1000 * t:.2f}" for t in (fit.median_s, fit.p10_s, fit.p90_s))]]
+
+
+def generation_report(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int) -> tuple[dict, list[list]]:
+    """`time_generation` as a result record and its table."""
+    r = time_generation(cfg, batch, prompt_len, new_tokens)
+    return {"mode": "generate", "model": dataclasses.asdict(cfg), **r}, [
+        [f"generate {new_tokens} tokens, batch {batch}", "seconds"],
+        ["key/value cache (keras-hub)", f"{r['cached_s']:.3f}"],
+        ["full forward pass per token", f"{r['uncached_s']:.3f}"], ["speedup", f"{r['speedup']:.2f}"]]
