@@ -5,7 +5,7 @@ Single process:
     python -m pipelines.evaluate --model_dir=runs/tiny --split=train --checkpoint=best
     python -m pipelines.evaluate --model_dir=runs/tiny --text_file=notes.txt  # raw text, model's tokenizer
     python -m pipelines.evaluate --model_dir=runs/imdb-sst2 --text_file=../shared/data/sst2/dev.tsv \
-        --text_field=content --output_json=/tmp/sst2-dev-lm.json
+        --text_field=sentence,content --output_json=/tmp/sst2-dev-lm.json
 Distributed (same numbers at any world size):
     horovodrun -np 2 -H localhost:2 --gloo python -m pipelines.evaluate --model_dir=runs/tiny
     mpirun -np 2 python -m pipelines.evaluate --model_dir=runs/tiny
@@ -37,8 +37,9 @@ class EvaluateOptions(Options):
     data_dir: str = option("", "Prepared data to evaluate on (default: the model's own data).")
     split: str = option("validation", "Split of the prepared data.", choices=("train", "validation"))
     text_file: str = option("", "Evaluate on this raw text file instead, tokenized with the model's tokenizer.")
-    text_field: str = option("", "The --text_file's text field (.jsonl) or column (.tsv, .parquet); default: the "
-                             "one the model's own data was read with. Cleaning is always the model's.")
+    text_field: str = option("", "The --text_file's text field (.jsonl) or column (.tsv, .parquet), or several "
+                             "joined by commas (the first the file has); default: the one the model's own data was "
+                             "read with. Cleaning is always the model's.")
     eval_batch_size: int = option(16, "Windows per rank per batch.")
     max_batches: int = option(0, "Batches per rank (0: all).")
     output_json: str = option("", "Where to write the results (default <model_dir>/eval/<split>-step<N>.json).")
@@ -56,8 +57,8 @@ def main(argv):
         raise ConfigError(f"{opts.model_dir} is an export: pass --output_json=FILE for the results")
     if opts.text_field and not opts.text_file:
         raise ConfigError("--text_field names the text of a --text_file: pass --text_file too")
-    if "\t" in opts.text_field:
-        raise ConfigError(f"--text_field={opts.text_field!r}: a field or column name has no tab")
+    if "\t" in opts.text_field or (opts.text_field and not all(opts.text_field.split(","))):
+        raise ConfigError(f"--text_field={opts.text_field!r}: a field or column name, or several joined by commas")
     trained = load_trained_model(opts.model_dir, opts.checkpoint)
     seq_len = trained.config.data.seq_len
     if opts.text_file:

@@ -100,5 +100,22 @@ def test_tsv_errors_name_the_file_and_line(tmp_path):
     write(tmp_path / "html.tsv", b"text\n<p>kept</p>\n<br /><br />\n")
     with pytest.raises(CorpusError, match=r"html.tsv:3: the text is empty after --clean=html"):
         list(Corpus([str(tmp_path / "html.tsv")], clean="html"))
-    with pytest.raises(ConfigError, match=r"--tsv_column='': name the text column"):
+    with pytest.raises(ConfigError, match=r"--tsv_column='': name the text field or column"):
         DataConfig(corpus=[str(tmp_path / "a.tsv")], tsv_column="").validate()
+
+
+def test_a_list_of_names_reads_the_first_each_file_or_record_has(tmp_path):
+    """GLUE's SST-2 calls its text `sentence` in train.tsv and `content` in dev.tsv; one flag reads both."""
+    write(tmp_path / "train.tsv", b"label\tsentence\n1\tgood\n")
+    write(tmp_path / "dev.tsv", b"content\tlabel\nbad\t0\n")
+    write(tmp_path / "mixed.jsonl", b'{"body": "b1", "text": "t1"}\n{"text": "t2"}\n')
+    files = [str(tmp_path / n) for n in ("train.tsv", "dev.tsv")]
+    assert [d.text for d in Corpus(files, tsv_column="sentence,content")] == ["good", "bad"]
+    assert [d.text for d in Corpus([str(tmp_path / "mixed.jsonl")], jsonl_field="body,text")] == ["b1", "t2"]
+    with pytest.raises(CorpusError, match=r"dev.tsv: no column 'sentence' or 'text' \(columns: content, label"):
+        list(Corpus(files, tsv_column="sentence,text"))
+    with pytest.raises(CorpusError, match=r"mixed.jsonl:2: no string field 'body' or 'title'"):
+        list(Corpus([str(tmp_path / "mixed.jsonl")], jsonl_field="body,title"))
+    for flag in ("jsonl_field", "parquet_column", "tsv_column"):
+        with pytest.raises(ConfigError, match=f"--{flag}='text,': name the text field or column"):
+            DataConfig(corpus=files, **{flag: "text,"}).validate()

@@ -102,6 +102,7 @@ def test_parquet_and_zstd_read_like_jsonl(tmp_path):
     jsonl = "\n".join(json.dumps({"text": t}) for t in texts).encode()
     (tmp_path / "r.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl))
     assert [d.text for d in Corpus([str(tmp_path / "r.parquet")], parquet_column="content")] == texts
+    assert [d.text for d in Corpus([str(tmp_path / "r.parquet")], parquet_column="text,content")] == texts
     assert [d.text for d in Corpus([str(tmp_path / "r.jsonl.zst")])] == texts
     a = prep.prepare(DataConfig(corpus=[str(tmp_path / "r.parquet")], parquet_column="content", num_shards=2),
                      str(tmp_path / "pq"), log=quiet)

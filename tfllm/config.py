@@ -89,8 +89,11 @@ class DataConfig:
             raise ConfigError(f"--vocab_size={self.vocab_size}: too small for a {self.tokenizer} tokenizer")
         if not self.corpus:
             raise ConfigError("--corpus is empty: name at least one file, directory, glob or builtin:python-stdlib")
-        if not self.tsv_column or "\t" in self.tsv_column:
-            raise ConfigError(f"--tsv_column={self.tsv_column!r}: name the text column as the .tsv header does")
+        for flag, names in (("jsonl_field", self.jsonl_field), ("parquet_column", self.parquet_column),
+                            ("tsv_column", self.tsv_column)):
+            if not all(names.split(",")) or "\t" in names:
+                raise ConfigError(f"--{flag}={names!r}: name the text field or column as the files do "
+                                  "(several names: comma-separated, the first a file has is read)")
 
 
 @dataclasses.dataclass

@@ -55,14 +55,17 @@ def define_data_flags() -> None:
     flags.DEFINE_enum("split", _D.split, ["document", "tail"],
                       "document: hold out whole documents by seeded hash; tail: the last fraction of the text.")
     flags.DEFINE_integer("num_shards", _D.num_shards, "TFRecord shards per split.")
-    flags.DEFINE_string("jsonl_field", _D.jsonl_field, "Text field of .jsonl records.")
+    flags.DEFINE_string("jsonl_field", _D.jsonl_field, "Text field of .jsonl records; comma-separated names: "
+                        "the first a record has.")
     flags.DEFINE_string("clean", _D.clean, "Text cleaning before tokenization, none or steps joined by commas: html "
                         "turns <br> into newlines, drops tags and decodes common entities (web text such as reviews); "
                         "ptb undoes Penn Treebank tokenization (\"does n't\", \"-lrb-\": SST-2); lower lowercases. Steps run in "
                         "that order, whatever the order written. Fine-tuning defaults to the pretraining data's.")
-    flags.DEFINE_string("parquet_column", _D.parquet_column, "Text column of .parquet files (Hugging Face datasets).")
+    flags.DEFINE_string("parquet_column", _D.parquet_column, "Text column of .parquet files (Hugging Face "
+                        "datasets); comma-separated names: the first a file has.")
     flags.DEFINE_string("tsv_column", _D.tsv_column, "Text column of .tsv files, as their header line names it "
-                        "(a fine-tuning file such as SST-2's train.tsv, read as text to pretrain further on).")
+                        "(a fine-tuning file such as SST-2's train.tsv, read as text to pretrain further on); comma-separated "
+                        "names: the first a file's header has (SST-2: sentence,content).")
     flags.DEFINE_integer("workers", _D.workers, "Tokenizing threads per rank (0: the usable cores, shared among "
                          "the ranks on a host). The output does not depend on it.")
     flags.DEFINE_enum("on_decode_error", _D.on_decode_error, ["strict", "replace", "skip"],

@@ -30,7 +30,8 @@ def test_raw_text_file_with_the_models_tokenizer(trained_model_dir, tmp_path):
     table.write_text(f"id\tcode\n7\t{code}\n")  # the same document as a .tsv row, read by --text_field
     one = evaluate(trained_model_dir, tmp_path / "t1.json", "none", f"--text_file={text}")
     two = evaluate(trained_model_dir, tmp_path / "t2.json", "mpi", f"--text_file={text}")
-    row = evaluate(trained_model_dir, tmp_path / "t3.json", "none", f"--text_file={table}", "--text_field=code")
+    row = evaluate(trained_model_dir, tmp_path / "t3.json", "none", f"--text_file={table}",
+                   "--text_field=sentence,code")  # the first name the file has
     # every character and the closing <eod> are targets; the first character is context only
     assert one["tokens"] == two["tokens"] == row["tokens"] == len(code)
     assert abs(one["loss"] - two["loss"]) <= 1e-9 * abs(one["loss"])
@@ -53,3 +54,8 @@ def test_existing_output_json_is_refused(trained_model_dir, tmp_path):
     proc = run(["-m", "pipelines.evaluate", f"--model_dir={trained_model_dir}", f"--output_json={out}",
                 "--text_field=sentence"], check=False)
     assert proc.returncode == 1 and "pass --text_file too" in proc.stderr.strip().splitlines()[-1]
+    proc = run(["-m", "pipelines.evaluate", f"--model_dir={trained_model_dir}", f"--output_json={out}",
+                f"--text_file={out}", "--text_field=sentence,"], check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        "error: --text_field='sentence,': a field or column name, or several joined by commas")
+    assert out.read_text() == "{}"

@@ -184,10 +184,11 @@ class Parser:
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{self._where(path, block, index)}: not valid JSON ({e.msg} at column "
                                   f"{e.colno}; the line starts at byte offset {start})") from None
-            value = record.get(self.jsonl_field) if isinstance(record, dict) else None
+            name = formats.first_named(self.jsonl_field, record) if isinstance(record, dict) else None
+            value = record[name] if name else None
             if not isinstance(value, str):
-                raise CorpusError(f"{self._where(path, block, index)}: no string field {self.jsonl_field!r} "
-                                  "(see --jsonl_field)")
+                raise CorpusError(f"{self._where(path, block, index)}: no string field "
+                                  f"{formats.quoted(self.jsonl_field)} (see --jsonl_field)")
             return value
 
         return self._lines(path, block, document)
@@ -213,10 +214,11 @@ class Parser:
                 raise CorpusError(f"{path}:1: the header line is not UTF-8") from None
             if names == [""]:
                 raise CorpusError(f"{path}: empty; a .tsv file starts with a header line naming its columns")
-            if self.tsv_column not in names:
-                raise CorpusError(f"{path}: no column {self.tsv_column!r} (columns: {', '.join(names)}; "
+            column = formats.first_named(self.tsv_column, names)
+            if column is None:
+                raise CorpusError(f"{path}: no column {formats.quoted(self.tsv_column)} (columns: {', '.join(names)}; "
                                   "see --tsv_column)")
-            self._columns[path] = (names.index(self.tsv_column), len(names))
+            self._columns[path] = (names.index(column), len(names))
         return self._columns[path]
 
 

@@ -192,6 +192,16 @@ def _plain_blocks(path: str, fmt: str, lo: int, hi: int, block_bytes: int) -> It
             start = end
 
 
+def first_named(names: str, present) -> str | None:
+    """The first of the comma-separated `names` (a --jsonl_field, --tsv_column or --parquet_column
+    list: files that call their text differently) that `present` holds."""
+    return next((n for n in names.split(",") if n in present), None)
+
+
+def quoted(names: str) -> str:
+    return " or ".join(repr(n) for n in names.split(","))
+
+
 def _parquet_blocks(path: str, column: str, lo: int, hi: int) -> Iterator[Block]:
     import pyarrow
     import pyarrow.parquet as pq
@@ -201,8 +211,9 @@ def _parquet_blocks(path: str, column: str, lo: int, hi: int) -> Iterator[Block]
     except (pyarrow.ArrowException, OSError) as e:
         raise CorpusError(f"{path}: not a readable Parquet file ({e})") from None
     names = pf.schema_arrow.names
-    if column not in names:
-        raise CorpusError(f"{path}: no column {column!r} (columns: {', '.join(names)}; see --parquet_column)")
+    if first_named(column, names) is None:
+        raise CorpusError(f"{path}: no column {quoted(column)} (columns: {', '.join(names)}; see --parquet_column)")
+    column = first_named(column, names)
     field = pf.schema_arrow.field(column)
     if not (pyarrow.types.is_string(field.type) or pyarrow.types.is_large_string(field.type)):
         raise CorpusError(f"{path}: column {column!r} holds {field.type}, not text (see --parquet_column)")
