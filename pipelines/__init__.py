@@ -1,4 +1,4 @@
-"""absl entry points: `python -m pipelines.<name> --flagfile=flags/<config>.cfg`."""
+"""Entry points: `python -m pipelines.<name> --flagfile=flags/<config>.cfg` (`--help`: a pipeline's own options)."""
 
 from tfllm.console import quiet_tensorflow
 from tfllm.malloc import preload_tcmalloc

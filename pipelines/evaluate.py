@@ -58,7 +58,7 @@ def main(argv):
     if opts.text_field and not opts.text_file:
         raise ConfigError("--text_field names the text of a --text_file: pass --text_file too")
     if "\t" in opts.text_field or (opts.text_field and not all(opts.text_field.split(","))):
-        raise ConfigError(f"--text_field={opts.text_field!r}: a field or column name, or several joined by commas")
+        raise ConfigError(f"--text_field={opts.text_field!r}: a field or column name (no tab), or several joined by commas")
     trained = load_trained_model(opts.model_dir, opts.checkpoint)
     seq_len = trained.config.data.seq_len
     if opts.text_file:

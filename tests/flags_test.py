@@ -19,6 +19,7 @@ class ToyOptions(Options):
     kind: str = option("a", "an enum", choices=("a", "b"))
     names: list = option(["p", "q"], "comma-separated")
     prompt: list = option([], "one per use of the flag", repeated=True)
+    timeout: float = option(0, "a float declared with an int default")
     model_dir: str = shared()
 
 
@@ -32,10 +33,11 @@ def _parse(*argv):
 
 def test_options_are_flags_of_their_defaults_type_and_say_which_were_given():
     opts = _parse("--count=7", "--ratio=0.25", "--on", "--kind=b", "--names=u,v,w", "--prompt=a b", "--prompt=c",
-                  "--model_dir=runs/m")
+                  "--model_dir=runs/m", "--timeout=2.5")
     assert (opts.name, opts.count, opts.ratio, opts.on, opts.kind) == ("x", 7, 0.25, True, "b")
     assert (opts.names, opts.prompt, opts.model_dir) == (["u", "v", "w"], ["a b", "c"], "runs/m")
-    assert opts.given == {"count", "ratio", "on", "kind", "names", "prompt", "model_dir"}
+    assert opts.timeout == 2.5
+    assert opts.given == {"count", "ratio", "on", "kind", "names", "prompt", "model_dir", "timeout"}
     defaults = _parse()
     assert (defaults.names, defaults.prompt, defaults.given) == (["p", "q"], [], frozenset())
 
@@ -51,8 +53,21 @@ def test_an_option_of_another_type_is_a_programming_error():
     class Bad(Options):
         limit: object = option(None, "no flag type")
 
-    with pytest.raises(TypeError, match="Bad.limit"):
-        define_options(Bad, flags.FlagValues())
+    @dataclasses.dataclass(frozen=True)
+    class Mismatched(Options):
+        steps: int = option("10", "a str default for an int")
+
+    for cls in (Bad, Mismatched):
+        with pytest.raises(TypeError, match=f"{cls.__name__}.(limit|steps)"):
+            define_options(cls, flags.FlagValues())
+
+
+def test_a_pipelines_help_lists_its_own_options():
+    values = flags.FlagValues()
+    define_options(ToyOptions, values)
+    assert "--count" in values.module_help(__name__) and "--timeout" in values.module_help(__name__)
+    proc = run(["-m", "pipelines.evaluate", "--helpshort"], check=False)  # absl exits 1 after help
+    assert "--text_file" in proc.stdout and "--text_field" in proc.stdout
 
 
 def _imports_absl_flags(tree: ast.AST) -> bool:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import typing
 
 from absl import flags
-
-from typing import TYPE_CHECKING
 
 from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, TRUNCATIONS, WEIGHT_INITS, Config,
                           ConfigError, DataConfig, DistillConfig, FinetuneConfig, ModelConfig, OptimizerConfig,
                           TrainConfig, canonical_clean)
 
-if TYPE_CHECKING:
+if typing.TYPE_CHECKING:
     from tfllm.generate import SamplingConfig
 
 FLAGS = flags.FLAGS
@@ -357,20 +357,26 @@ _DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEF
 
 
 def define_options(cls: type[Options], flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines `cls`'s `option()` fields as flags of the caller's module, so that its --help lists them."""
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    module = sys.argv[0] if caller == "__main__" else caller  # how absl names the script that runs
+    kinds = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if "help" not in f.metadata:
             continue
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default, kind = f.default_factory() if f.default is dataclasses.MISSING else f.default, kinds[f.name]
+        default = float(default) if kind is float and type(default) is int else default
         doc, choices = f.metadata["help"], f.metadata["choices"]
+        named = dict(flag_values=flag_values, module_name=module)
+        if type(default) is not kind or (kind not in _DEFINE and kind is not list):
+            raise TypeError(f"{cls.__name__}.{f.name}: an option is a str, int, float, bool or list, "
+                            "declared with a default of that type")
         if choices:
-            flags.DEFINE_enum(f.name, default, list(choices), doc, flag_values=flag_values)
-        elif isinstance(default, list):
-            define = flags.DEFINE_multi_string if f.metadata["repeated"] else flags.DEFINE_list
-            define(f.name, default, doc, flag_values=flag_values)
-        elif type(default) in _DEFINE:
-            _DEFINE[type(default)](f.name, default, doc, flag_values=flag_values)
+            flags.DEFINE_enum(f.name, default, list(choices), doc, **named)
+        elif kind is list:
+            (flags.DEFINE_multi_string if f.metadata["repeated"] else flags.DEFINE_list)(f.name, default, doc, **named)
         else:
-            raise TypeError(f"{cls.__name__}.{f.name}: an option's default is a str, int, float, bool or list")
+            _DEFINE[kind](f.name, default, doc, **named)
 
 
 def read_options(cls: type[Options], flag_values: flags.FlagValues = FLAGS) -> Options:

@@ -57,5 +57,5 @@ def test_existing_output_json_is_refused(trained_model_dir, tmp_path):
     proc = run(["-m", "pipelines.evaluate", f"--model_dir={trained_model_dir}", f"--output_json={out}",
                 f"--text_file={out}", "--text_field=sentence,"], check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
-        "error: --text_field='sentence,': a field or column name, or several joined by commas")
+        "error: --text_field='sentence,': a field or column name (no tab), or several joined by commas")
     assert out.read_text() == "{}"
