@@ -57,7 +57,7 @@ def main(argv):
         raise ConfigError(f"{opts.model_dir} is an export: pass --output_json=FILE for the results")
     if opts.text_field and not opts.text_file:
         raise ConfigError("--text_field names the text of a --text_file: pass --text_file too")
-    if "\t" in opts.text_field or (opts.text_field and not all(opts.text_field.split(","))):
+    if "\t" in opts.text_field or (opts.text_field and not all(n.strip() for n in opts.text_field.split(","))):
         raise ConfigError(f"--text_field={opts.text_field!r}: a field or column name (no tab), or several joined by commas")
     trained = load_trained_model(opts.model_dir, opts.checkpoint)
     seq_len = trained.config.data.seq_len

@@ -119,3 +119,16 @@ def test_a_list_of_names_reads_the_first_each_file_or_record_has(tmp_path):
     for flag in ("jsonl_field", "parquet_column", "tsv_column"):
         with pytest.raises(ConfigError, match=f"--{flag}='text,': name the text field or column"):
             DataConfig(corpus=files, **{flag: "text,"}).validate()
+        with pytest.raises(ConfigError, match=f"--{flag}='text, ': name the text field or column"):
+            DataConfig(corpus=files, **{flag: "text, "}).validate()
+
+
+def test_a_list_of_names_drops_edge_spaces_skips_non_strings_and_reads_a_name_with_a_comma(tmp_path):
+    write(tmp_path / "train.tsv", b"label\tsentence\n1\tgood\n")
+    write(tmp_path / "dev.tsv", b"content\tlabel\nbad\t0\n")
+    write(tmp_path / "null.jsonl", b'{"body": null, "text": "t1"}\n{"body": 3, "text": "t2"}\n{"body": "b3"}\n')
+    write(tmp_path / "comma.tsv", b"label\ttitle, text\n1\tkept whole\n")
+    files = [str(tmp_path / n) for n in ("train.tsv", "dev.tsv")]
+    assert [d.text for d in Corpus(files, tsv_column="sentence, content")] == ["good", "bad"]
+    assert [d.text for d in Corpus([str(tmp_path / "null.jsonl")], jsonl_field="body,text")] == ["t1", "t2", "b3"]
+    assert [d.text for d in Corpus([str(tmp_path / "comma.tsv")], tsv_column="title, text")] == ["kept whole"]

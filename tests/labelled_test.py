@@ -25,6 +25,14 @@ def test_reads_gzip_jsonl_with_line_numbers(tmp_path):
     assert ex.texts == ["bad", "good"] and ex.labels == ["neg", "pos"] and ex.lines == [1, 2]
 
 
+def test_text_column_list_drops_edge_spaces_in_tsv_and_jsonl(tmp_path):
+    (tmp_path / "dev.tsv").write_text("content\tlabel\nbad\t0\n")
+    ex = labelled.read_examples(str(tmp_path / "dev.tsv"), labelled.Columns(text="sentence, content"))
+    assert ex.texts == ["bad"] and ex.labels == ["0"]
+    path = _jsonl_gz(tmp_path / "t.jsonl.gz", [{"label": "pos", "body": "b"}, {"label": "neg", "text": "t"}])
+    assert labelled.read_examples(path, labelled.Columns(text="text, body")).texts == ["b", "t"]
+
+
 @pytest.mark.parametrize("records,clean,message", [
     ([{"text": "fine", "label": "pos"}, {"text": "no label", "rating": 3}], "none",
      r"t.jsonl.gz:2: no field 'label' \(--label_column\); the record has 'text', 'rating'"),

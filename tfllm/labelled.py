@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfllm.data import cleaning
+from tfllm.data.formats import first_named
 from tfllm.tokenizers import PAD_ID, Encoding, Tokenizer
 
 FORMATS = ("auto", "tsv", "csv", "jsonl")
@@ -110,11 +111,11 @@ def _delimited_rows(f, path, cols, fmt):
     if header is None:
         raise LabelledDataError(f"{path}: empty file")
     if cols.header:
-        texts = [c for c in cols.text.split(",") if c in header]
-        missing = [cols.label] if cols.label not in header else [] if texts else [cols.text]
+        text = first_named(cols.text, header)
+        missing = [cols.label] if cols.label not in header else [] if text else [cols.text]
         if missing:
             raise LabelledDataError(f"{path}: no column {missing[0]!r} in the header (columns: {', '.join(header)})")
-        li, ti = header.index(cols.label), header.index(texts[0])
+        li, ti = header.index(cols.label), header.index(text)
         first = []
     else:
         try:
@@ -141,12 +142,12 @@ def _jsonl_rows(f, path, cols):
             raise LabelledDataError(f"{path}:{n}: not JSON ({e})") from None
         if not isinstance(rec, dict):
             raise LabelledDataError(f"{path}:{n}: not a JSON object")
-        keys = [c for c in cols.text.split(",") if c in rec]
-        if cols.label not in rec or not keys:
+        key = first_named(cols.text, rec)
+        if cols.label not in rec or key is None:
             missing, flag = (cols.label, "label") if cols.label not in rec else (cols.text, "text")
             raise LabelledDataError(f"{path}:{n}: no field {missing!r} (--{flag}_column); the record has "
                                     f"{', '.join(map(repr, rec)) or 'no fields'}")
-        yield n, rec[cols.label], rec[keys[0]]
+        yield n, rec[cols.label], rec[key]
 
 
 def label_vocabulary(train: Examples, num_classes: int = 0) -> list[str]:

@@ -184,9 +184,11 @@ class Parser:
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{self._where(path, block, index)}: not valid JSON ({e.msg} at column "
                                   f"{e.colno}; the line starts at byte offset {start})") from None
-            name = formats.first_named(self.jsonl_field, record) if isinstance(record, dict) else None
+            # The first listed field that holds a string: a null "body" falls through to "text".
+            strings = {k for k, v in record.items() if isinstance(v, str)} if isinstance(record, dict) else ()
+            name = formats.first_named(self.jsonl_field, strings)
             value = record[name] if name else None
-            if not isinstance(value, str):
+            if value is None:
                 raise CorpusError(f"{self._where(path, block, index)}: no string field "
                                   f"{formats.quoted(self.jsonl_field)} (see --jsonl_field)")
             return value

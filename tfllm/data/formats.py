@@ -192,14 +192,22 @@ def _plain_blocks(path: str, fmt: str, lo: int, hi: int, block_bytes: int) -> It
             start = end
 
 
+def listed(names: str) -> list[str]:
+    """The names of a comma-separated list, edge spaces dropped ("sentence, content" is two names)."""
+    return [n.strip() for n in names.split(",")]
+
+
 def first_named(names: str, present) -> str | None:
     """The first of the comma-separated `names` (a --jsonl_field, --tsv_column or --parquet_column
-    list: files that call their text differently) that `present` holds."""
-    return next((n for n in names.split(",") if n in present), None)
+    list: files that call their text differently) that `present` holds. A name that itself holds a
+    comma is found when `present` has it whole."""
+    if names in present:
+        return names
+    return next((n for n in listed(names) if n in present), None)
 
 
 def quoted(names: str) -> str:
-    return " or ".join(repr(n) for n in names.split(","))
+    return " or ".join(repr(n) for n in listed(names))
 
 
 def _parquet_blocks(path: str, column: str, lo: int, hi: int) -> Iterator[Block]:
