@@ -1,4 +1,4 @@
-"""Benchmarks that print figures (markdown table + one JSON line), write JSON and TensorBoard.
+r"""Benchmarks that print figures (markdown table + one JSON line), write JSON and TensorBoard.
 
 The model, batch (--batch_size per rank), --seq_len, --precision, --jit_compile, --fp16_allreduce and
 the step's shape (--parallel_slices, --grad_accum_steps, --clip_norm) come from the usual flags, so any

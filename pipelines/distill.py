@@ -1,4 +1,4 @@
-"""Distil a trained model (the teacher) into a smaller one; rerun the same command to resume.
+r"""Distil a trained model (the teacher) into a smaller one; rerun the same command to resume.
 
 The student trains on the teacher's softened next-token distribution mixed with the data's next
 tokens (tfllm/distill.py), with pretraining's step, checkpoints, resume and TensorBoard. Its data

@@ -1,4 +1,4 @@
-"""Loss and perplexity of a checkpoint, exactly token-weighted across ranks.
+r"""Loss and perplexity of a checkpoint, exactly token-weighted across ranks.
 
 Single process:
     python -m pipelines.evaluate --model_dir=runs/tiny                       # validation split of its data

@@ -1,4 +1,4 @@
-"""Export a trained model dir as a TensorFlow SavedModel (string in, string out) and a .keras file.
+r"""Export a trained model dir as a TensorFlow SavedModel (string in, string out) and a .keras file.
 
 Single process (export needs no collectives; under a launcher rank 0 exports, the others exit):
     python -m pipelines.export --model_dir=runs/tiny --output_dir=exports/tiny

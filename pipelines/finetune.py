@@ -1,4 +1,4 @@
-"""Fine-tunes a pretrained tfllm model dir into a text classifier; evaluates, predicts, exports.
+r"""Fine-tunes a pretrained tfllm model dir into a text classifier; evaluates, predicts, exports.
 
 Train (rerun to resume; --init=scratch trains the same architecture from random weights):
     python -m pipelines.finetune --flagfile=flags/sst2.cfg --pretrained_dir=runs/demo/model --model_dir=runs/sst2

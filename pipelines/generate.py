@@ -1,4 +1,4 @@
-"""Generate text from a trained model dir with its own tokenizer (key/value-cached sampling).
+r"""Generate text from a trained model dir with its own tokenizer (key/value-cached sampling).
 
 Single process (generation needs no collectives):
     python -m pipelines.generate --model_dir=runs/tiny --prompt="def " --max_new_tokens=200

@@ -1,4 +1,4 @@
-"""Raw text -> tokenizer + TFRecord shards + manifest.json, on every core of every rank.
+r"""Raw text -> tokenizer + TFRecord shards + manifest.json, on every core of every rank.
 
 Single process (--workers threads, by default one per usable core):
     python -m pipelines.prepare_data --corpus=builtin:python-stdlib --data_dir=/tmp/stdlib \

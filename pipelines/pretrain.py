@@ -1,4 +1,4 @@
-"""Pretrain a GPT-style model with Horovod data parallelism; rerun the same command to resume.
+r"""Pretrain a GPT-style model with Horovod data parallelism; rerun the same command to resume.
 
 Single process:
     python -m pipelines.pretrain --flagfile=flags/tiny.cfg --model_dir=runs/tiny

@@ -1,4 +1,4 @@
-"""Renders a tfllm pretraining MPIJob (and its flagfile ConfigMap); prints, writes or submits it.
+r"""Renders a tfllm pretraining MPIJob (and its flagfile ConfigMap); prints, writes or submits it.
 
 Apply the shared volume and TensorBoard once (kubectl apply -k k8s/base), then per job:
     python -m pipelines.submit --name=gpt2-4x8 --workers=4 --gpus_per_worker=8 \

@@ -1,4 +1,4 @@
-"""Elastic pretraining: workers may fail, leave and join while the job goes on (Horovod elastic, Gloo).
+r"""Elastic pretraining: workers may fail, leave and join while the job goes on (Horovod elastic, Gloo).
 
     horovodrun -np 3 --min-np 2 --max-np 4 --host-discovery-script ./discover_hosts.sh \\
         --slots-per-host 1 python -m pipelines.pretrain --flagfile=... --elastic --elastic_commit_every=10
