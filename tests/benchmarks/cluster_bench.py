@@ -1,4 +1,4 @@
-"""Step and allreduce times across emulated hosts on shaped links; the cost model calibrated on
+r"""Step and allreduce times across emulated hosts on shaped links; the cost model calibrated on
 2 hosts and checked against 3.
 
     python tests/benchmarks/cluster_bench.py --output_json=.bench/cluster.json     # or: make bench-cluster
@@ -10,7 +10,11 @@ gradients' allreduce); its 3-host prediction of the gradient allreduce is set ag
 3-host measurement. With --buckets, `--mode=buckets` runs instead, and the cost model's overlap
 (the share of the link's speed an allreduce keeps during the backward pass) is fitted on 2 hosts
 and predicts the 3-host steps. The hosts share this machine's 2 cores, so compute is inflated and each rank
-gets one intra-op thread; the allreduce figures are the ones that speak for real links.
+gets one intra-op thread; the allreduce figures are the ones that speak for real links. With --pin each
+host runs on one core of its own, as one-core machines would (a third host shares the first one's):
+
+    python tests/benchmarks/cluster_bench.py --buckets --pin --rates=1gbit --host_counts=2 --bench_steps=15 \
+        --models=shakespeare_x10_deep [--model_flags=--batch_size=24]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -91,14 +96,14 @@ def buckets(args, out_dir: pathlib.Path) -> int:
     """Step, compute and exposed allreduce per bucket count, 2 and 3 hosts, each rate and model; the
     cost model's overlap fitted on 2 hosts (link from a 2-host step) and its 3-host prediction."""
     rows = []
-    with Cluster(3) as cluster:
+    with Cluster(3, pin=args.pin) as cluster:
         for rate in args.rates.split(","):
             cluster.set_rate(rate)
             for name in args.models.split(","):
                 step2 = out_dir / f"buckets-step-{rate}-{name}-2.json"
                 run_step(cluster, 2, MODELS[name], args.bench_steps, step2)
                 overlap = -1.0
-                for n in (2, 3):
+                for n in args.host_counts:
                     record = out_dir / f"buckets-{rate}-{name}-{n}.json"
                     r = run_step(cluster, n, MODELS[name], args.bench_steps, record,
                                  mode=("--mode=buckets", f"--bench_buckets={BUCKETS[name]}"))
@@ -131,15 +136,33 @@ def main() -> int:
     p.add_argument("--bench_steps", type=int, default=30)
     p.add_argument("--buckets", action="store_true",
                    help="compare --allreduce_buckets values (step, compute, hidden allreduce) instead")
+    p.add_argument("--model_flags", default="",
+                   help="added to every model's flags, e.g. --batch_size=24 (more compute per gradient byte)")
+    p.add_argument("--host_counts", default="2,3",
+                   help="--buckets: the cluster sizes, 2 first (the overlap is fitted there)")
+    p.add_argument("--pin", action="store_true",
+                   help="one core per host (h1, h2 on cores 0, 1; h3 shares core 0), as separate machines would have")
     p.add_argument("--output_json", default="", help="default: .bench/cluster.json, or .bench/cluster-buckets.json")
     args = p.parse_args()
+    if args.host_counts not in ("2", "2,3"):
+        raise SystemExit(f"error: --host_counts={args.host_counts}: 2, or 2,3")
+    args.host_counts = [int(n) for n in args.host_counts.split(",")]
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"error: --models: no model {unknown[0]!r} (known: {', '.join(MODELS)})")
+    try:
+        extra = shlex.split(args.model_flags)
+    except ValueError as e:
+        raise SystemExit(f"error: --model_flags={args.model_flags!r}: {e}") from None
+    for name in MODELS:
+        MODELS[name] = MODELS[name] + extra
     args.output_json = args.output_json or (".bench/cluster-buckets.json" if args.buckets else ".bench/cluster.json")
     out_dir = pathlib.Path(args.output_json).resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.buckets:
         return buckets(args, out_dir)
     rows = []
-    with Cluster(3) as cluster:
+    with Cluster(3, pin=args.pin) as cluster:
         for rate in args.rates.split(","):
             cluster.set_rate(rate)
             for name in args.models.split(","):

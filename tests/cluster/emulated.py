@@ -54,6 +54,7 @@ class Host:
     netns: str
     addr: str
     sshd: subprocess.Popen | None = None
+    cpu: int | None = None  # the one core its sshd, and so everything started through ssh, runs on
 
 
 def _sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -96,14 +97,18 @@ class Cluster:
     """N emulated hosts and a launcher namespace; a context manager that always tears down."""
 
     def __init__(self, hosts: int = 2, rate: str | None = None, workdir: str | os.PathLike | None = None,
-                 prefix: str | None = None):
+                 prefix: str | None = None, pin: bool = False):
+        """pin: each host gets one core of this machine's (h1 the first, h2 the next, round robin), as
+        hosts of their own would, instead of every host's processes sharing all of them."""
         if not 1 <= hosts <= 200:
             raise ValueError("hosts must be between 1 and 200")
         self.prefix = prefix or f"{PREFIX}{os.getpid()}"
         self.rate = rate
         self.workdir = pathlib.Path(workdir or tempfile.mkdtemp(prefix=f"{self.prefix}-"))
         self.bridge_ns = f"{self.prefix}-br"
-        self.hosts = [Host(f"h{i}", f"{self.prefix}-h{i}", f"{SUBNET}.{10 + i}") for i in range(1, hosts + 1)]
+        cores = sorted(os.sched_getaffinity(0))
+        self.hosts = [Host(f"h{i}", f"{self.prefix}-h{i}", f"{SUBNET}.{10 + i}",
+                           cpu=cores[(i - 1) % len(cores)] if pin else None) for i in range(1, hosts + 1)]
         self.launcher = Host("launcher", f"{self.prefix}-l", LAUNCHER_ADDR)
         self.key = self.workdir / "id_ed25519"
         self._started: list[subprocess.Popen] = []
@@ -199,7 +204,10 @@ class Cluster:
     def _start_sshd(self, host: Host) -> None:
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
         log = open(self.workdir / f"{host.name}.sshd.log", "ab")
-        host.sshd = self.popen(host, [SSHD, "-D", "-e", "-f", "/etc/ssh/sshd_config"], stdout=log, stderr=log)
+        # Affinity is inherited through fork and exec: every session's processes stay on the host's core.
+        pin = (lambda: os.sched_setaffinity(0, {host.cpu})) if host.cpu is not None else None
+        host.sshd = self.popen(host, [SSHD, "-D", "-e", "-f", "/etc/ssh/sshd_config"], stdout=log, stderr=log,
+                               preexec_fn=pin)
 
     def _wait_for_ssh(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -338,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="create a cluster and keep it until Ctrl-C, SIGTERM or `down`")
     up.add_argument("--hosts", type=int, default=2)
     up.add_argument("--rate", default=None, help="link bandwidth, e.g. 1gbit (default: unshaped)")
+    up.add_argument("--pin", action="store_true", help="one core per host, round robin over this machine's")
     up.add_argument("--state", default="/tmp/tfllm-cluster.json")
     sub.add_parser("down", help="remove every emulated tfllm cluster on this machine")
     args = parser.parse_args(argv)
@@ -345,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "down":
             print(f"removed {len(sweep_stale(everything=True))} namespaces")
             return 0
-        cluster = Cluster(args.hosts, args.rate).start()
+        cluster = Cluster(args.hosts, args.rate, pin=args.pin).start()
     except (ClusterError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from emulated import NETNS_ETC, _netns_list
+from emulated import NETNS_ETC, Cluster, ClusterError, _netns_list
 
 pytestmark = pytest.mark.slow
 
@@ -53,3 +53,22 @@ def test_a_failing_test_leaves_no_namespace_process_or_mount(tmp_path):
         assert not [n for n in namespaces if (NETNS_ETC / n).exists()]
         mounts = pathlib.Path("/proc/self/mounts").read_text()
         assert not [n for n in namespaces if f"/run/netns/{n}" in mounts]
+
+
+def test_pinned_hosts_run_what_ssh_starts_on_a_core_each(tmp_path):
+    """cluster_bench --pin: a host of its own has its own core, and so does everything launched there."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.fail(f"pinning needs 2 cores; this machine lets the tests use {cores}", pytrace=False)
+    try:
+        cluster = Cluster(3, workdir=tmp_path / "cluster", pin=True).start()
+    except ClusterError as e:
+        pytest.fail(f"emulated cluster unavailable: {e}", pytrace=False)
+    try:
+        allowed = {h: cluster.run(["ssh", h, "grep", "Cpus_allowed_list", "/proc/self/status"]).stdout.split()[-1]
+                   for h in ("h1", "h2", "h3")}
+        launcher = cluster.run(["grep", "Cpus_allowed_list", "/proc/self/status"]).stdout.split()[-1]
+    finally:
+        cluster.stop()
+    assert allowed == {"h1": str(cores[0]), "h2": str(cores[1]), "h3": str(cores[2 % len(cores)])}
+    assert launcher != str(cores[0])  # the launcher is not pinned
