@@ -23,6 +23,7 @@ import re
 from tfllm import atomic, cli, distributed
 from tfllm.config import ConfigError
 from tfllm.data.corpus import CorpusError
+from tfllm.data.formats import listed
 from tfllm.data.pipeline import WindowDataset
 from tfllm.evaluate import TextWindows, evaluate
 from tfllm.flags import Options, define_options, option, read_options
@@ -57,7 +58,7 @@ def main(argv):
         raise ConfigError(f"{opts.model_dir} is an export: pass --output_json=FILE for the results")
     if opts.text_field and not opts.text_file:
         raise ConfigError("--text_field names the text of a --text_file: pass --text_file too")
-    if "\t" in opts.text_field or (opts.text_field and not all(n.strip() for n in opts.text_field.split(","))):
+    if "\t" in opts.text_field or (opts.text_field and not all(listed(opts.text_field))):
         raise ConfigError(f"--text_field={opts.text_field!r}: a field or column name (no tab), or several joined by commas")
     trained = load_trained_model(opts.model_dir, opts.checkpoint)
     seq_len = trained.config.data.seq_len

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from tfllm import atomic
+from tfllm.data.formats import listed
 
 TOKENIZER_KINDS = ("char", "byte", "wordpiece", "sentencepiece_unigram", "sentencepiece_bpe")
 MODEL_FAMILIES = ("gpt2", "llama")
@@ -91,7 +92,7 @@ class DataConfig:
             raise ConfigError("--corpus is empty: name at least one file, directory, glob or builtin:python-stdlib")
         for flag, names in (("jsonl_field", self.jsonl_field), ("parquet_column", self.parquet_column),
                             ("tsv_column", self.tsv_column)):
-            if not all(n.strip() for n in names.split(",")) or "\t" in names:
+            if not all(listed(names)) or "\t" in names:
                 raise ConfigError(f"--{flag}={names!r}: name the text field or column as the files do "
                                   "(several names: comma-separated, the first a file has is read)")
 

@@ -24,9 +24,9 @@ assert TINY[:3] == ["-m", "pipelines.pretrain", "--flagfile=flags/tiny.cfg"]
 SMALL = TINY[3:]  # the test-size flags alone, to append to a launcher command that names its flagfile
 
 
-def _start(hosts: int, workdir) -> Cluster:
+def _start(hosts: int, workdir, pin: bool = False) -> Cluster:
     try:
-        return Cluster(hosts, workdir=workdir).start()
+        return Cluster(hosts, workdir=workdir, pin=pin).start()
     except ClusterError as e:
         pytest.fail(f"emulated cluster unavailable: {e}", pytrace=False)
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from conftest import REPO
-from emulated import NETNS_ETC, Cluster, ClusterError, _netns_list
+from cluster_fixtures import _start
+from emulated import NETNS_ETC, _netns_list
 
 pytestmark = pytest.mark.slow
 
@@ -60,10 +61,7 @@ def test_pinned_hosts_run_what_ssh_starts_on_a_core_each(tmp_path):
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         pytest.fail(f"pinning needs 2 cores; this machine lets the tests use {cores}", pytrace=False)
-    try:
-        cluster = Cluster(3, workdir=tmp_path / "cluster", pin=True).start()
-    except ClusterError as e:
-        pytest.fail(f"emulated cluster unavailable: {e}", pytrace=False)
+    cluster = _start(3, tmp_path / "cluster", pin=True)
     try:
         allowed = {h: cluster.run(["ssh", h, "grep", "Cpus_allowed_list", "/proc/self/status"]).stdout.split()[-1]
                    for h in ("h1", "h2", "h3")}

@@ -185,13 +185,12 @@ class Parser:
                 raise CorpusError(f"{self._where(path, block, index)}: not valid JSON ({e.msg} at column "
                                   f"{e.colno}; the line starts at byte offset {start})") from None
             # The first listed field that holds a string: a null "body" falls through to "text".
-            strings = {k for k, v in record.items() if isinstance(v, str)} if isinstance(record, dict) else ()
-            name = formats.first_named(self.jsonl_field, strings)
-            value = record[name] if name else None
-            if value is None:
+            name = formats.first_named(self.jsonl_field, record, lambda k: isinstance(record[k], str)) \
+                if isinstance(record, dict) else None
+            if name is None:
                 raise CorpusError(f"{self._where(path, block, index)}: no string field "
                                   f"{formats.quoted(self.jsonl_field)} (see --jsonl_field)")
-            return value
+            return record[name]
 
         return self._lines(path, block, document)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import zlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 BLOCK_BYTES = 4 << 20
 _CHUNK = 1 << 20
@@ -197,13 +197,14 @@ def listed(names: str) -> list[str]:
     return [n.strip() for n in names.split(",")]
 
 
-def first_named(names: str, present) -> str | None:
+def first_named(names: str, present, usable: Callable[[str], bool] | None = None) -> str | None:
     """The first of the comma-separated `names` (a --jsonl_field, --tsv_column or --parquet_column
-    list: files that call their text differently) that `present` holds. A name that itself holds a
-    comma is found when `present` has it whole."""
-    if names in present:
-        return names
-    return next((n for n in listed(names) if n in present), None)
+    list: files that call their text differently) that `present` holds, and that `usable` accepts
+    when given. A name that itself holds a comma is found when `present` has it whole."""
+    for n in [names, *listed(names)]:
+        if n in present and (usable is None or usable(n)):
+            return n
+    return None
 
 
 def quoted(names: str) -> str:
@@ -219,9 +220,10 @@ def _parquet_blocks(path: str, column: str, lo: int, hi: int) -> Iterator[Block]
     except (pyarrow.ArrowException, OSError) as e:
         raise CorpusError(f"{path}: not a readable Parquet file ({e})") from None
     names = pf.schema_arrow.names
-    if first_named(column, names) is None:
+    found = first_named(column, names)
+    if found is None:
         raise CorpusError(f"{path}: no column {quoted(column)} (columns: {', '.join(names)}; see --parquet_column)")
-    column = first_named(column, names)
+    column = found
     field = pf.schema_arrow.field(column)
     if not (pyarrow.types.is_string(field.type) or pyarrow.types.is_large_string(field.type)):
         raise CorpusError(f"{path}: column {column!r} holds {field.type}, not text (see --parquet_column)")
