@@ -72,13 +72,17 @@ def test_batches_are_disjoint_across_ranks_and_deterministic():
 
 # ---------------------------------------------------------------- model pieces and metrics
 
-def test_sequence_pooling_last_and_mean():
+def test_sequence_pooling_last_mean_and_concat():
     hidden = tf.constant(np.arange(2 * 4 * 2, dtype=np.float32).reshape(2, 4, 2))
     mask = tf.constant([[True, True, True, False], [True, False, False, False]])
     last = SequencePooling("last")(hidden, mask).numpy()
     assert last.tolist() == [[4.0, 5.0], [8.0, 9.0]]
     mean = SequencePooling("mean")(hidden, mask).numpy()
     assert np.allclose(mean, [[2.0, 3.0], [8.0, 9.0]])
+    # The max leaves out padding, here the larger values after each row's last real token.
+    falling = tf.constant([[[1.0, -4.0], [3.0, -2.0], [2.0, -3.0], [9.0, 9.0]]] * 2)
+    concat = SequencePooling("concat")(falling, mask).numpy()
+    assert np.allclose(concat, [[2.0, -3.0, 2.0, -3.0, 3.0, -2.0], [1.0, -4.0, 1.0, -4.0, 1.0, -4.0]])
     clone = SequencePooling.from_config(SequencePooling("mean", name="p").get_config())
     assert clone.mode == "mean" and clone.name == "p"
 
@@ -224,6 +228,18 @@ def test_scratch_init_and_resume(trained_model_dir, sst2_slice, tmp_path):
     assert "resumed from" in out.stdout and "(step 10)" in out.stdout
     steps = [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20]
+
+
+def test_concat_pooling_trains_bucketed_resumes_and_predicts(trained_model_dir, sst2_slice, tmp_path):
+    model_dir = tmp_path / "concat"
+    run(finetune_args(trained_model_dir, model_dir, sst2_slice, "--pooling=concat", "--allreduce_buckets=3",
+                      "--train_steps=10"))
+    assert _npz(model_dir)["classifier_head/kernel"].shape == (3 * 32, 2)  # last, mean and max of width 32
+    out = run(finetune_args(trained_model_dir, model_dir, sst2_slice, "--pooling=concat", "--train_steps=20"))
+    assert "(step 10)" in out.stdout
+    pred = run(["-m", "pipelines.finetune", "--mode=predict", f"--model_dir={model_dir}"],
+               input_text="a gorgeous , witty film\nthe plot is worse\n")
+    assert [line.split("\t")[0] in ("0", "1") for line in pred.stdout.strip().splitlines()] == [True, True]
 
 
 def test_auxiliary_lm_loss_is_logged_apart_from_the_classification_loss(trained_model_dir, sst2_slice, tmp_path):

@@ -3,7 +3,8 @@
 The backbone is the keras-hub backbone of a pretraining model dir (same config, same
 tokenizer), restored from its checkpoint or freshly initialised for from-scratch comparisons.
 Its sequence output is pooled (the last real token, which under causal attention has seen
-the whole text, or the mean over real tokens), then dropout and a dense head give logits.
+the whole text, the mean over real tokens, or concat pooling as in ULMFiT: last, mean and
+element-wise max side by side), then dropout and a dense head give logits.
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfllm.config import POOLINGS
 from tfllm.labelled import NO_LABEL, split_rows
 from tfllm.models import lm_sums
 from tfllm.quantize import FloatTwin, TwinServing
 from tfllm.segments import Chain, Unit, backbone_units
 from tfllm.tokenizers import EOD_ID, PAD_ID, Encoding, Tokenizer
 
-POOLINGS = ("last", "mean")
-
 
 @keras.saving.register_keras_serializable(package="tfllm")
 class SequencePooling(keras.layers.Layer):
-    """[B, T, d] hidden states and a [B, T] padding mask -> [B, d]."""
+    """[B, T, d] hidden states and a [B, T] padding mask -> [B, d] ([B, 3d] for concat)."""
 
     def __init__(self, mode: str = "last", **kwargs):
         super().__init__(**kwargs)
@@ -32,12 +32,19 @@ class SequencePooling(keras.layers.Layer):
         self.mode = mode
 
     def call(self, hidden, padding_mask):
-        mask = keras.ops.cast(padding_mask, hidden.dtype)
-        if self.mode == "mean":
+        pooled = []
+        if self.mode in ("last", "concat"):
+            last_at = keras.ops.maximum(keras.ops.sum(keras.ops.cast(padding_mask, "int32"), axis=1) - 1, 0)
+            pooled.append(keras.ops.take_along_axis(hidden, last_at[:, None, None], axis=1)[:, 0])
+        if self.mode in ("mean", "concat"):
+            mask = keras.ops.cast(padding_mask, hidden.dtype)
             total = keras.ops.sum(hidden * mask[:, :, None], axis=1)
-            return total / keras.ops.maximum(keras.ops.sum(mask, axis=1, keepdims=True), 1.0)
-        last = keras.ops.maximum(keras.ops.sum(keras.ops.cast(padding_mask, "int32"), axis=1) - 1, 0)
-        return keras.ops.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+            pooled.append(total / keras.ops.maximum(keras.ops.sum(mask, axis=1, keepdims=True), 1.0))
+        if self.mode == "concat":
+            # Filled with the batch's least value, padding never wins the max; no gradient reaches that value.
+            floor = keras.ops.stop_gradient(keras.ops.min(hidden))
+            pooled.append(keras.ops.max(keras.ops.where(padding_mask[:, :, None], hidden, floor), axis=1))
+        return pooled[0] if len(pooled) == 1 else keras.ops.concatenate(pooled, axis=-1)
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}

@@ -19,6 +19,7 @@ TOKENIZER_KINDS = ("char", "byte", "wordpiece", "sentencepiece_unigram", "senten
 MODEL_FAMILIES = ("gpt2", "llama")
 CLEANING_STEPS = ("html", "ptb", "lower")  # tfllm.data.cleaning; --clean names some, comma-separated, or none
 TRUNCATIONS = ("head", "head_tail")  # tfllm.tokenizers.truncate
+POOLINGS = ("last", "mean", "concat")  # tfllm.classifier.SequencePooling
 WEIGHT_INITS = ("gpt2", "keras_hub")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 MAX_SHARDS = 4096  # per split; preparation keeps one open file per shard
@@ -322,7 +323,7 @@ class FinetuneConfig:
     num_classes: int = 0  # 0: from the training labels
     init: str = "pretrained"  # pretrained | scratch (same architecture, random weights)
     max_length: int = 64  # tokens per example, <eod> included
-    pooling: str = "last"  # last | mean
+    pooling: str = "last"  # last | mean | concat
     classifier_dropout: float = 0.1
     freeze_backbone_steps: int = 0
     layer_lr_decay: float = 1.0  # <1: each layer below the head learns at this factor of the one above
@@ -353,8 +354,8 @@ class FinetuneConfig:
             raise ConfigError("--model_dir is required")
         if self.init not in ("pretrained", "scratch"):
             raise ConfigError(f"--init={self.init!r}: expected pretrained or scratch")
-        if self.pooling not in ("last", "mean"):
-            raise ConfigError(f"--pooling={self.pooling!r}: expected last or mean")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"--pooling={self.pooling!r}: expected one of {', '.join(POOLINGS)}")
         if self.file_format not in ("auto", "tsv", "csv", "jsonl"):
             raise ConfigError(f"--file_format={self.file_format!r}: expected auto, tsv, csv or jsonl")
         for name in ("batch_size", "train_steps", "max_length"):

@@ -16,7 +16,7 @@ import typing
 
 from absl import flags
 
-from tfllm.config import (MODEL_FAMILIES, PRECISIONS, TOKENIZER_KINDS, TRUNCATIONS, WEIGHT_INITS, Config,
+from tfllm.config import (MODEL_FAMILIES, POOLINGS, PRECISIONS, TOKENIZER_KINDS, TRUNCATIONS, WEIGHT_INITS, Config,
                           ConfigError, DataConfig, DistillConfig, FinetuneConfig, ModelConfig, OptimizerConfig,
                           TrainConfig, canonical_clean)
 
@@ -217,7 +217,8 @@ def define_finetune_flags() -> None:
     flags.DEFINE_integer("num_classes", f.num_classes, "Classes 0..N-1 (0: the distinct training labels).")
     flags.DEFINE_enum("init", f.init, ["pretrained", "scratch"], "Backbone weights: pretrained, or random (comparison).")
     flags.DEFINE_integer("max_length", f.max_length, "Tokens per example (<eod> included); longer texts are cut.")
-    flags.DEFINE_enum("pooling", f.pooling, ["last", "mean"], "Backbone output pooling: last real token or mean.")
+    flags.DEFINE_enum("pooling", f.pooling, list(POOLINGS),
+                      "Backbone output pooling: last real token, mean, or concat (last, mean and max side by side).")
     flags.DEFINE_float("classifier_dropout", f.classifier_dropout, "Dropout before the classification head.")
     flags.DEFINE_integer("freeze_backbone_steps", f.freeze_backbone_steps, "Train only the head for the first N steps.")
     flags.DEFINE_float("layer_lr_decay", f.layer_lr_decay,
