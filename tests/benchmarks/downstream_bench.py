@@ -15,7 +15,9 @@ Runs that already finished in --run_dir are reused (delete it to start again).
 Variants, as the README's "what was tried" ran them: --pretrain_flags, --task_lm_flags and
 --finetune_flags are added to every pretraining, task-text pretraining or fine-tuning command
 (after the flagfile, so they override it), and
---pretrained_dir fine-tunes a backbone pretrained before instead of pretraining one in --run_dir:
+--pretrained_dir fine-tunes a backbone pretrained before instead of pretraining one in --run_dir, and
+--inits=pretrained leaves out the runs from scratch, which read only the backbone's tokenizer and so
+repeat an earlier run's when the variant keeps the tokenizer and the architecture:
 
     python tests/benchmarks/downstream_bench.py --run_dir=runs/aux --pretrained_dir=runs/downstream/imdb \
         --tasks=sst2 --finetune_flags="--lm_loss_weight=0.5"
@@ -34,6 +36,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TASKS = {"sst2": "--flagfile=flags/sst2_from_imdb.cfg", "imdb": "--flagfile=flags/imdb_sentiment.cfg"}
+INITS = ("pretrained", "scratch")
 TASK_LM = {"sst2": "--flagfile=flags/sst2_lm.cfg"}  # pretraining further on the task's training text
 
 
@@ -88,6 +91,9 @@ def main() -> None:
                         help="tasks whose pretrained runs start from the backbone pretrained further on the task's "
                              f"training text (of {','.join(TASK_LM)}; empty: none)")
     parser.add_argument("--task_lm_flags", default="", help="added to those task-text pretraining commands")
+    parser.add_argument("--inits", default="pretrained,scratch",
+                        help="which inits to fine-tune: a run from scratch reads only the backbone's tokenizer, so a "
+                             "variant that keeps the tokenizer and the architecture can leave scratch out")
     a = parser.parse_args()
     run_dir = pathlib.Path(a.run_dir).resolve()
     try:
@@ -98,6 +104,9 @@ def main() -> None:
     task_lm = [t for t in a.task_lm.split(",") if t]
     if any(t not in TASK_LM for t in task_lm):
         raise SystemExit(f"error: --task_lm={a.task_lm}: choose from {','.join(TASK_LM)}, or leave it empty")
+    inits = [i for i in a.inits.split(",") if i]
+    if not inits or any(i not in INITS for i in inits):
+        raise SystemExit(f"error: --inits={a.inits}: choose from {','.join(INITS)}")
     unknown = [t for t in a.tasks.split(",") if t not in TASKS]
     if unknown or (a.pretrained_dir and a.pretrain_flags):
         raise SystemExit(f"error: unknown --tasks {','.join(unknown)} (choose from {','.join(TASKS)})" if unknown else
@@ -117,7 +126,7 @@ def main() -> None:
             backbones[task] = run_dir / f"{task}-lm"
             stages[f"{task}-lm"] = ["pipelines.pretrain", TASK_LM[task], f"--init_preset={export / 'preset'}",
                                     f"--model_dir={backbones[task]}", *task_lm_flags]
-        for init in ("pretrained", "scratch"):
+        for init in inits:
             for seed in a.seeds.split(","):
                 name = f"{task}-{init}-seed{seed}"
                 backbone = backbones.get(task, pretrained) if init == "pretrained" else pretrained
@@ -143,7 +152,7 @@ def main() -> None:
         print(f"{task}: the pretrained runs fine-tune {backbone}")
     print(f"\n{'task':6} {'init':11} {'selected: mean (range), %':28} {'last step: mean (range), %':28} minutes/run")
     for task in a.tasks.split(","):
-        for init in ("pretrained", "scratch"):
+        for init in inits:
             runs = [r for n, r in results["runs"].items() if n.startswith(f"{task}-{init}-")]
             selected = [r["test"] if task == "imdb" else r["best_validation"] for r in runs]
             last = [r["last_validation"] for r in runs]
