@@ -14,10 +14,10 @@ Runs that already finished in --run_dir are reused (delete it to start again).
 
 Variants, as the README's "what was tried" ran them: --pretrain_flags, --task_lm_flags and
 --finetune_flags are added to every pretraining, task-text pretraining or fine-tuning command
-(after the flagfile, so they override it), and
---pretrained_dir fine-tunes a backbone pretrained before instead of pretraining one in --run_dir, and
---inits=pretrained leaves out the runs from scratch, which read only the backbone's tokenizer and so
-repeat an earlier run's when the variant keeps the tokenizer and the architecture:
+(after the flagfile, so they override it). --pretrained_dir fine-tunes a backbone pretrained before
+instead of pretraining one in --run_dir. --inits=pretrained leaves out the runs from scratch: they read
+the backbone's config and tokenizer but not its weights, so a variant of the pretraining alone (one that
+keeps the tokenizer, the architecture and the cleaning) would only repeat an earlier run's:
 
     python tests/benchmarks/downstream_bench.py --run_dir=runs/aux --pretrained_dir=runs/downstream/imdb \
         --tasks=sst2 --finetune_flags="--lm_loss_weight=0.5"
@@ -92,8 +92,8 @@ def main() -> None:
                              f"training text (of {','.join(TASK_LM)}; empty: none)")
     parser.add_argument("--task_lm_flags", default="", help="added to those task-text pretraining commands")
     parser.add_argument("--inits", default="pretrained,scratch",
-                        help="which inits to fine-tune: a run from scratch reads only the backbone's tokenizer, so a "
-                             "variant that keeps the tokenizer and the architecture can leave scratch out")
+                        help="which inits to fine-tune: a run from scratch reads the backbone's config and tokenizer, "
+                             "not its weights, so a variant of the pretraining alone can leave it out")
     a = parser.parse_args()
     run_dir = pathlib.Path(a.run_dir).resolve()
     try:
@@ -104,7 +104,7 @@ def main() -> None:
     task_lm = [t for t in a.task_lm.split(",") if t]
     if any(t not in TASK_LM for t in task_lm):
         raise SystemExit(f"error: --task_lm={a.task_lm}: choose from {','.join(TASK_LM)}, or leave it empty")
-    inits = [i for i in a.inits.split(",") if i]
+    inits = list(dict.fromkeys(i for i in a.inits.split(",") if i))
     if not inits or any(i not in INITS for i in inits):
         raise SystemExit(f"error: --inits={a.inits}: choose from {','.join(INITS)}")
     unknown = [t for t in a.tasks.split(",") if t not in TASKS]
@@ -121,7 +121,7 @@ def main() -> None:
                            *pretrain_flags]} if not a.pretrained_dir else {}
     backbones, finetunes = {}, {}
     for task in a.tasks.split(","):
-        if task in task_lm:
+        if task in task_lm and "pretrained" in inits:
             stages["export"] = ["pipelines.export", f"--model_dir={pretrained}", f"--output_dir={export}", "--overwrite"]
             backbones[task] = run_dir / f"{task}-lm"
             stages[f"{task}-lm"] = ["pipelines.pretrain", TASK_LM[task], f"--init_preset={export / 'preset'}",
