@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run
+from conftest import run, run_many
 from tfllm import benchmark
 from tfllm.config import ModelConfig
 from tfllm.models import build_causal_lm, count_params, flops_per_token
@@ -111,24 +111,23 @@ def test_overhead_and_variants_modes(tmp_path):
 
 
 def test_bad_requests_are_one_line_errors(tmp_path):
-    missing = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={tmp_path / 'nope.json'}"], check=False)
-    assert missing.returncode == 1 and "error: --calibration_json=" in missing.stderr
     (tmp_path / "one.json").write_text(json.dumps({"world_size": 1, "tokens_per_sec_global": 1.0}))
-    wrong = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={tmp_path / 'one.json'}"], check=False)
+    one = f"--calibration_json={tmp_path / 'one.json'}"
+    missing, wrong, too_many, alone, overlap = run_many([
+        TINY_BENCH + ["--mode=costmodel", f"--calibration_json={tmp_path / 'nope.json'}"],
+        TINY_BENCH + ["--mode=costmodel", one],
+        TINY_BENCH + ["--mode=costmodel", one, "--bench_buckets=1,8"],
+        TINY_BENCH + ["--mode=costmodel", one, "--local_overlap=0.5"],
+        TINY_BENCH + ["--mode=costmodel", one, "--gpu_overlap=1.5"]], check=False)
+    assert missing.returncode == 1 and "error: --calibration_json=" in missing.stderr
     assert wrong.returncode == 1
     assert wrong.stderr.strip().splitlines() == [
         f"error: --calibration_json={tmp_path / 'one.json'}: not a usable N-rank step record (no field "
         "'latency_allreduce_ms')"], wrong.stderr
-    too_many = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={tmp_path / 'one.json'}",
-                                 "--bench_buckets=1,8"], check=False)
     assert too_many.stderr.strip().splitlines() == [
         "error: --bench_buckets=1,8: include 1 (no overlap) and stay within 1..4 for a 2-layer model"], too_many.stderr
-    alone = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={tmp_path / 'one.json'}",
-                              "--local_overlap=0.5"], check=False)
     assert alone.stderr.strip().splitlines() == [
         "error: --local_overlap applies to the steps of --buckets_json, which is not given"], alone.stderr
-    overlap = run(TINY_BENCH + ["--mode=costmodel", f"--calibration_json={tmp_path / 'one.json'}",
-                                "--gpu_overlap=1.5"], check=False)
     assert overlap.stderr.strip().splitlines() == ["error: --gpu_overlap=1.5 --gpu_micro_batches=1: expected an "
                                                    "overlap within [0, 1] and at least one micro-batch"], overlap.stderr
 

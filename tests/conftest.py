@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -57,6 +58,13 @@ def run(args: list[str], launcher: str = "none", np: int = 2, timeout: int = 600
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_many(arg_lists: list[list[str]], **kwargs) -> list[subprocess.CompletedProcess]:
+    """`run` for independent commands, two at a time (this machine's cores), results in order. Error
+    cases spend most of their seconds importing TensorFlow, which keeps one core busy."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda args: run(args, **kwargs), arg_lists))
 
 
 @pytest.fixture

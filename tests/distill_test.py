@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run
+from conftest import run, run_many
 from pretrain_helpers import TINY, pretrain
 
 STUDENT = ["--train_steps=60", "--eval_every=0", "--checkpoint_every=0", "--sample_prompt=", "--eval_steps=0"]
@@ -73,10 +73,13 @@ def teacher(tmp_path_factory):
     return tmp / "model"
 
 
-def distill(teacher_dir, model_dir, *extra, launcher="none", check=True):
-    args = ["-m", "pipelines.distill", *TINY[2:], f"--teacher_dir={teacher_dir}", f"--model_dir={model_dir}",
+def distill_args(teacher_dir, model_dir, *extra):
+    return ["-m", "pipelines.distill", *TINY[2:], f"--teacher_dir={teacher_dir}", f"--model_dir={model_dir}",
             "--distill_temperature=1", "--distill_alpha=0.5", *extra]
-    return run(args, launcher=launcher, check=check)
+
+
+def distill(teacher_dir, model_dir, *extra, launcher="none", check=True):
+    return run(distill_args(teacher_dir, model_dir, *extra), launcher=launcher, check=check)
 
 
 def val_loss(proc) -> float:
@@ -143,11 +146,13 @@ def test_bad_teachers_are_one_line_errors(teacher, tmp_path):
         (["--distill_temperature=-1"], "--distill_temperature=-1.0: must be positive", teacher),
         (["--distill_alpha=1.5"], "--distill_alpha=1.5: must be in [0, 1]", teacher),
     ]
-    for extra, message, teacher_dir in cases:
-        proc = distill(teacher_dir, tmp_path / "student", *STUDENT, *extra, check=False)
+    procs = run_many([distill_args(teacher_dir, tmp_path / f"student{i}", *STUDENT, *extra)
+                      for i, (extra, _, teacher_dir) in enumerate(cases)], check=False)
+    for i, ((extra, message, _), proc) in enumerate(zip(cases, procs)):
         lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
         assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], (extra, proc.stderr[-1500:])
-        assert not (tmp_path / "student").exists() and not (tmp_path / "byte_data").exists()
+        assert not (tmp_path / f"student{i}").exists()
+    assert not (tmp_path / "byte_data").exists()
     before = {p.name: p.stat().st_mtime_ns for p in teacher.rglob("*")}
     proc = distill(teacher, teacher, check=False)
     assert proc.returncode == 1 and "the student needs a model dir of its own" in proc.stderr.splitlines()[-1]

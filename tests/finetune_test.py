@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run
+from conftest import run, run_many
 from finetune_helpers import finetune_args
 from tfllm import labelled
 from tfllm.classifier import SequencePooling, balanced_class_weights, classification_report
@@ -230,6 +230,21 @@ def test_scratch_init_and_resume(trained_model_dir, sst2_slice, tmp_path):
     assert steps == [5, 10, 15, 20]
 
 
+def test_starts_from_the_named_pretrained_checkpoint(trained_model_dir, sst2_slice, tmp_path):
+    # The backbone stays frozen for the whole run, so the weights it saves are the ones it started from.
+    model_dir = tmp_path / "from15"
+    run(finetune_args(trained_model_dir, model_dir, sst2_slice, "--pretrained_checkpoint=15", "--train_steps=4",
+                      "--freeze_backbone_steps=4", "--eval_every=4", "--log_every=2"))
+
+    def embedding(variables):
+        return next(v for k, v in variables.items() if "token_embedding" in k)
+
+    tuned = embedding(_npz(model_dir))
+    assert np.array_equal(tuned, embedding(_npz(trained_model_dir, "ckpt-00000015")))
+    assert not np.array_equal(tuned, embedding(_npz(trained_model_dir)))
+    assert json.loads((model_dir / "finetune.json").read_text())["config"]["pretrained_checkpoint"] == "ckpt-00000015"
+
+
 def test_concat_pooling_trains_bucketed_resumes_and_predicts(trained_model_dir, sst2_slice, tmp_path):
     model_dir = tmp_path / "concat"
     run(finetune_args(trained_model_dir, model_dir, sst2_slice, "--pooling=concat", "--allreduce_buckets=3",
@@ -288,13 +303,14 @@ def test_bad_inputs_are_one_line_errors(trained_model_dir, sst2_slice, tmp_path)
         ([f"--test_file={bad_dev}"], "dev.tsv:3: label '7' (example 2) is not among the training labels"),
         (["--validation_fraction=0.1"], "give either --validation_file or --validation_fraction"),
         (["--lm_loss_weight=-0.5"], "--lm_loss_weight=-0.5: must be 0 (off) or positive"),
+        (["--pretrained_checkpoint=7"], "no checkpoint '7' found"),
     ]
-    for extra, message in cases:
-        model_dir = tmp_path / "m"
-        proc = run(finetune_args(trained_model_dir, model_dir, sst2_slice, *extra), check=False)
+    procs = run_many([finetune_args(trained_model_dir, tmp_path / f"m{i}", sst2_slice, *extra)
+                      for i, (extra, _) in enumerate(cases)], check=False)
+    for i, ((extra, message), proc) in enumerate(zip(cases, procs)):
         lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
         assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], (extra, proc.stderr[-1500:])
-        assert not (model_dir / "checkpoints").exists()
+        assert not (tmp_path / f"m{i}" / "checkpoints").exists()
 
 
 def test_class_weights_scale_each_examples_loss():

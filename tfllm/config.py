@@ -313,6 +313,7 @@ class Config:
 class FinetuneConfig:
     """A classification fine-tuning run on a pretraining model dir's backbone and tokenizer."""
     pretrained_dir: str = ""
+    pretrained_checkpoint: str = "latest"  # latest | best | a step number | a checkpoint name
     model_dir: str = ""
     train_file: str = ""
     validation_file: str = ""

@@ -245,6 +245,11 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     keras.utils.set_random_seed(cfg.seed)
     # Scratch keeps the architecture and tokenizer but not the weights, so it reads no checkpoint.
     pretrained_cfg, tokenizer = read_model_dir(cfg.pretrained_dir)
+    start_weights = None
+    if cfg.init == "pretrained":  # found before the model dir is written: a wrong name leaves nothing behind
+        start_weights = CheckpointManager(cfg.pretrained_dir).resolve(cfg.pretrained_checkpoint)
+        # finetune.json names the checkpoint: "latest" and "best" change meaning as pretraining goes on.
+        cfg = dataclasses.replace(cfg, pretrained_checkpoint=os.path.basename(start_weights))
     context = pretrained_cfg.model.max_sequence_length
     if not 1 <= cfg.allreduce_buckets <= pretrained_cfg.model.num_layers + 2:
         raise ConfigError(f"--allreduce_buckets={cfg.allreduce_buckets}: a {pretrained_cfg.model.num_layers}-layer "
@@ -261,7 +266,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     if cfg.init == "scratch":
         backbone = build_causal_lm(pretrained_cfg.model).backbone
     else:
-        backbone = load_trained_model(cfg.pretrained_dir).model.backbone
+        backbone = load_trained_model(cfg.pretrained_dir, start_weights).model.backbone
     model = build_classifier(backbone, len(classes), cfg.pooling, cfg.classifier_dropout)
     optimizer = make_optimizer(cfg.optimizer, cfg.train_steps, world.size, model, "float32",
                                lr_scales=layer_lr_scales(model, backbone, cfg.layer_lr_decay))

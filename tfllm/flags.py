@@ -207,6 +207,9 @@ def define_finetune_flags() -> None:
     """Classification fine-tuning; with the optimizer and run flags of `define_train_flags`."""
     f = FinetuneConfig()
     flags.DEFINE_string("pretrained_dir", f.pretrained_dir, "Pretraining model dir: tokenizer, architecture, weights.")
+    flags.DEFINE_string("pretrained_checkpoint", f.pretrained_checkpoint,
+                        "The checkpoint of --pretrained_dir whose weights start fine-tuning: latest, best (lowest "
+                        "validation loss), a step number or a checkpoint name.")
     flags.DEFINE_string("train_file", f.train_file, "Labelled training data (.tsv, .csv or .jsonl).")
     flags.DEFINE_string("validation_file", f.validation_file, "Labelled validation data, same format.")
     flags.DEFINE_enum("file_format", f.file_format, ["auto", "tsv", "csv", "jsonl"], "Format (auto: by extension).")
