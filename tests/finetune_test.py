@@ -242,7 +242,14 @@ def test_starts_from_the_named_pretrained_checkpoint(trained_model_dir, sst2_sli
     tuned = embedding(_npz(model_dir))
     assert np.array_equal(tuned, embedding(_npz(trained_model_dir, "ckpt-00000015")))
     assert not np.array_equal(tuned, embedding(_npz(trained_model_dir)))
-    assert json.loads((model_dir / "finetune.json").read_text())["config"]["pretrained_checkpoint"] == "ckpt-00000015"
+    recorded = json.loads((model_dir / "finetune.json").read_text())["config"]["pretrained_checkpoint"]
+    assert recorded == "ckpt-00000015"
+    # Resumed with the default (latest), the run keeps its own weights and the record of where they began.
+    out = run(finetune_args(trained_model_dir, model_dir, sst2_slice, "--train_steps=6", "--freeze_backbone_steps=6",
+                            "--eval_every=6", "--log_every=2"))
+    assert "(step 4)" in out.stdout
+    assert json.loads((model_dir / "finetune.json").read_text())["config"]["pretrained_checkpoint"] == recorded
+    assert np.array_equal(embedding(_npz(model_dir)), tuned)
 
 
 def test_concat_pooling_trains_bucketed_resumes_and_predicts(trained_model_dir, sst2_slice, tmp_path):
@@ -303,7 +310,8 @@ def test_bad_inputs_are_one_line_errors(trained_model_dir, sst2_slice, tmp_path)
         ([f"--test_file={bad_dev}"], "dev.tsv:3: label '7' (example 2) is not among the training labels"),
         (["--validation_fraction=0.1"], "give either --validation_file or --validation_fraction"),
         (["--lm_loss_weight=-0.5"], "--lm_loss_weight=-0.5: must be 0 (off) or positive"),
-        (["--pretrained_checkpoint=7"], "no checkpoint '7' found"),
+        (["--pretrained_checkpoint=7"],  # last: nothing of its model dir may be written
+         f"--pretrained_checkpoint=7: {trained_model_dir} has no such checkpoint (it has: ckpt-00000015, ckpt-00000030)"),
     ]
     procs = run_many([finetune_args(trained_model_dir, tmp_path / f"m{i}", sst2_slice, *extra)
                       for i, (extra, _) in enumerate(cases)], check=False)
@@ -311,6 +319,7 @@ def test_bad_inputs_are_one_line_errors(trained_model_dir, sst2_slice, tmp_path)
         lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
         assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], (extra, proc.stderr[-1500:])
         assert not (tmp_path / f"m{i}" / "checkpoints").exists()
+    assert not (tmp_path / f"m{len(cases) - 1}").exists()
 
 
 def test_class_weights_scale_each_examples_loss():

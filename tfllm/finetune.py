@@ -237,6 +237,31 @@ class ClassificationTask(Task):
         return {**report, "checkpoint_step": step}
 
 
+def _start_weights(cfg: FinetuneConfig) -> tuple[str | None, str]:
+    """(the pretraining checkpoint to load, or None; the --pretrained_checkpoint finetune.json records).
+
+    Found before the model dir is written, so a wrong name leaves nothing behind. The record names
+    the checkpoint, since "latest" and "best" change meaning as pretraining goes on. A run from scratch
+    reads no weights, and a resumed run reads its own checkpoint and keeps the name it began with.
+    """
+    if cfg.init == "scratch":
+        return None, ""
+    if CheckpointManager(cfg.model_dir).latest():
+        try:
+            with open(os.path.join(cfg.model_dir, FINETUNE_FILE)) as f:
+                return None, json.load(f)["config"].get("pretrained_checkpoint", "")
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, ""  # _prepare_model_dir reports what is wrong with the record
+    manager = CheckpointManager(cfg.pretrained_dir)
+    try:
+        path = os.path.normpath(manager.resolve(cfg.pretrained_checkpoint))
+    except CheckpointError:
+        raise CheckpointError(f"--pretrained_checkpoint={cfg.pretrained_checkpoint}: {cfg.pretrained_dir} has no such "
+                              f"checkpoint (it has: {', '.join(manager.complete()) or 'none'})") from None
+    own = os.path.dirname(path) == os.path.normpath(manager.dir)
+    return path, os.path.basename(path) if own else os.path.abspath(path)
+
+
 def finetune(cfg: FinetuneConfig, log=print) -> dict:
     world = distributed.init()
     say = distributed.chief_only(log)
@@ -245,11 +270,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     keras.utils.set_random_seed(cfg.seed)
     # Scratch keeps the architecture and tokenizer but not the weights, so it reads no checkpoint.
     pretrained_cfg, tokenizer = read_model_dir(cfg.pretrained_dir)
-    start_weights = None
-    if cfg.init == "pretrained":  # found before the model dir is written: a wrong name leaves nothing behind
-        start_weights = CheckpointManager(cfg.pretrained_dir).resolve(cfg.pretrained_checkpoint)
-        # finetune.json names the checkpoint: "latest" and "best" change meaning as pretraining goes on.
-        cfg = dataclasses.replace(cfg, pretrained_checkpoint=os.path.basename(start_weights))
+    start_weights, recorded = _start_weights(cfg)
+    cfg = dataclasses.replace(cfg, pretrained_checkpoint=recorded)
     context = pretrained_cfg.model.max_sequence_length
     if not 1 <= cfg.allreduce_buckets <= pretrained_cfg.model.num_layers + 2:
         raise ConfigError(f"--allreduce_buckets={cfg.allreduce_buckets}: a {pretrained_cfg.model.num_layers}-layer "
@@ -263,7 +285,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     cfg = dataclasses.replace(cfg, clean=canonical_clean(clean))
     classes, train_rows, val_rows, test_rows = _load_data(cfg, tokenizer)
     _agree(lambda: _prepare_model_dir(cfg, classes, pretrained_cfg.model))
-    if cfg.init == "scratch":
+    if start_weights is None:  # random weights, or a resumed run's own checkpoint replaces them
         backbone = build_causal_lm(pretrained_cfg.model).backbone
     else:
         backbone = load_trained_model(cfg.pretrained_dir, start_weights).model.backbone
